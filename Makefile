@@ -1,0 +1,58 @@
+# Two entry points (see README):  `make paper` regenerates every result and compiles the paper;
+# `make test` runs the unit tests, the notebooks at their fast defaults (nbval) and a paper build.
+# Both create the local virtual environment .venv on first use and install TeX if it is missing.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+BUILD  := build
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+
+.PHONY: all setup tex test unit nbval paper-build paper results bench clean
+
+all: test
+
+$(STAMP): pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(STAMP)
+
+tex:
+	@bash scripts/ensure_tex.sh
+
+unit: setup
+	$(BIN)/python -m pytest -q tests
+
+# Notebooks at their stored (fast) defaults; they write into build/, never into figures/ or paper/.
+nbval: setup
+	$(BIN)/python -m pytest -q --nbval-lax -p no:cacheprovider $(NOTEBOOKS)
+
+# Compile the paper from the committed generated inputs, into build/paper (the committed PDF is untouched).
+paper-build: tex
+	mkdir -p $(BUILD)/paper
+	cd paper && latexmk -pdf -interaction=nonstopmode -halt-on-error -outdir=../$(BUILD)/paper main.tex
+
+test: unit nbval paper-build
+
+# The paper profile: every notebook re-run by papermill with notebooks/params/<name>.yaml, writing the
+# committed figures/ and paper/generated/, then the paper itself (paper/main.pdf).
+results: setup
+	mkdir -p $(BUILD)/executed
+	for nb in $(NOTEBOOKS); do \
+	  name=$$(basename $$nb .ipynb); \
+	  $(BIN)/papermill --cwd notebooks $$nb $(BUILD)/executed/$$name.ipynb -f notebooks/params/$$name.yaml || exit 1; \
+	done
+
+paper: results tex
+	cd paper && latexmk -pdf -interaction=nonstopmode -halt-on-error main.tex
+
+bench: setup
+	$(BIN)/python benchmarks/bench_graph.py
+
+clean:
+	rm -rf $(BUILD)
+	cd paper && latexmk -C main.tex || true

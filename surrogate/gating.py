@@ -1,0 +1,218 @@
+"""Edge gates on a traced model, and physical removal of cut edges.
+
+``GatedModel(graph)`` multiplies every prunable edge's tensor by a scalar gate. A removed input of a merge
+is replaced by the merge's neutral element: 0 for add/cat/stack (and for every edge in "all" mode), 1 for
+a product of two branches (removing a squeeze-excitation scale leaves the features unscaled). The gate
+expression is ``x * g`` (zero-neutral) or ``x * g + (1 - g)`` (one-neutral): with g = 1 both are exactly x,
+so the all-ones mask reproduces the traced model bit for bit.
+
+``prune(graph, mask)`` builds a smaller module in which cut edges are not computed: a cut term of an add is
+dropped, any other cut tensor becomes a constant (zeros or ones), and dead-code elimination removes every
+operation and parameter that only fed removed edges.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from .graph import MERGE_OPS, ComputationGraph, Edge, _canonical_op
+
+__all__ = ["GatedModel", "prune", "check_mask"]
+
+_GATES_ATTR = "_surrogate_gates"
+
+
+def _gate(x: torch.Tensor, gates: torch.Tensor, index: int, neutral_one: bool) -> torch.Tensor:
+    """Gate ``x`` by gates[..., index]; gates is (E,) for one mask or (M, E) for M masks (batch-major x)."""
+    g = gates[..., index]
+    if g.dim() == 1:  # M masks: x holds M consecutive copies of the data batch along dim 0
+        m = g.shape[0]
+        if x.dim() == 0 or x.shape[0] % m:
+            raise RuntimeError(f"cannot apply {m} masks to a tensor of shape {tuple(x.shape)}: a batch of "
+                               "masks needs every gated tensor to carry the batch in dimension 0")
+        g = g.view(m, *([1] * x.dim()))
+        xs = x.unflatten(0, (m, -1))
+        return (xs * g + (1 - g) if neutral_one else xs * g).flatten(0, 1)
+    g = g.to(x.dtype)
+    return x * g + (1 - g) if neutral_one else x * g
+
+
+torch.fx.wrap("_gate")
+
+
+def _neutral_one(edge: Edge) -> bool:
+    return edge.merge is not None and MERGE_OPS.get(edge.merge) == "one"
+
+
+def check_mask(mask: Any, num_edges: int, *, binary: bool = False, batch: bool = True) -> torch.Tensor:
+    """Validate a mask (or a batch of masks) and return it as a float tensor."""
+    if not isinstance(mask, torch.Tensor):
+        try:
+            mask = torch.as_tensor(mask)
+        except Exception as exc:  # noqa: BLE001
+            raise TypeError(f"mask must be a tensor or array of shape ({num_edges},) or (M, {num_edges}), "
+                            f"got {type(mask).__name__}") from exc
+    if mask.dtype == torch.bool:
+        mask = mask.float()
+    elif not (mask.dtype.is_floating_point or mask.dtype in (torch.int8, torch.int16, torch.int32,
+                                                               torch.int64, torch.uint8)):
+        raise TypeError(f"mask dtype {mask.dtype} is not supported; use bool, int or float")
+    elif not mask.dtype.is_floating_point:
+        mask = mask.float()
+    if mask.dim() not in ((1, 2) if batch else (1,)) or mask.shape[-1] != num_edges:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but the graph has {num_edges} prunable edges: "
+                         f"pass shape ({num_edges},){' or (M, %d) for M masks' % num_edges if batch else ''}"
+                         " (graph.edge_names gives the order)")
+    if not torch.isfinite(mask).all():
+        raise ValueError("mask contains NaN or infinite values")
+    if binary and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("this operation needs a binary mask (entries 0 or 1); got other values")
+    return mask
+
+
+class GatedModel(nn.Module):
+    """The traced model with one gate per prunable edge: ``gated(x, mask=m)``.
+
+    mask: None (all ones), shape (E,) for one mask, or (M, E) for M masks evaluated in one pass over an
+    M-times replicated batch; outputs then have a leading dimension M (shape (M, B, ...)). Gates may be
+    continuous and require grad (for gradients/Hessians with respect to the gates).
+    """
+
+    def __init__(self, graph: ComputationGraph):
+        super().__init__()
+        self.graph = graph
+        src = graph.module
+        g = copy.deepcopy(src.graph)
+        by_name = {n.name: n for n in g.nodes}
+        first = next(n for n in g.nodes if n.op != "placeholder")
+        with g.inserting_before(first):
+            gates_node = g.get_attr(_GATES_ATTR)
+        for i, edge in enumerate(graph.prunable):
+            made: dict[str, fx.Node] = {}
+            for p, c in edge.links:
+                producer, consumer = by_name[p], by_name[c]
+                if p not in made:
+                    after = producer if producer.op != "placeholder" else gates_node
+                    with g.inserting_after(after):
+                        made[p] = g.call_function(_gate, (producer, gates_node, i, _neutral_one(edge)))
+                consumer.replace_input_with(producer, made[p])
+        g.lint()
+        setattr(src, _GATES_ATTR, None)  # the attribute the get_attr node reads; set per forward call
+        try:
+            self.module = fx.GraphModule(src, g)
+        finally:
+            delattr(src, _GATES_ATTR)
+
+    @property
+    def num_edges(self) -> int:
+        return self.graph.num_prunable
+
+    def forward(self, *inputs: torch.Tensor, mask: Any = None) -> Any:
+        e = self.num_edges
+        if len(inputs) != len(self.graph.example_inputs):
+            raise TypeError(f"expected {len(self.graph.example_inputs)} input tensors (as traced), "
+                            f"got {len(inputs)}")
+        for x, ref in zip(inputs, self.graph.example_inputs):
+            if not isinstance(x, torch.Tensor) or x.dim() != ref.dim():
+                raise ValueError(f"input of shape {tuple(getattr(x, 'shape', ()))} does not match the "
+                                 f"traced example of shape {tuple(ref.shape)} (same number of dimensions "
+                                 "needed; dim 0 is the batch)")
+        ref_param = next(iter(self.module.parameters()), None)
+        device = ref_param.device if ref_param is not None else inputs[0].device
+        if mask is None:
+            gates = torch.ones(e, device=device)
+        else:
+            gates = check_mask(mask, e).to(device)
+        m = gates.shape[0] if gates.dim() == 2 else 0
+        if m:
+            inputs = tuple(x.repeat(m, *([1] * (x.dim() - 1))) for x in inputs)
+        setattr(self.module, _GATES_ATTR, gates)
+        try:
+            out = self.module(*inputs)
+        except Exception as exc:
+            shapes = [tuple(x.shape) for x in inputs]
+            raise RuntimeError(f"gated forward failed for inputs of shapes {shapes} (traced with "
+                               f"{[tuple(x.shape) for x in self.graph.example_inputs]}): {exc}. If the shapes differ from the traced ones, "
+                               "build the graph again with example inputs of the shapes you need.") from exc
+        finally:
+            setattr(self.module, _GATES_ATTR, None)
+        if m:
+            out = pytree.tree_map(lambda t: t.unflatten(0, (m, -1)) if isinstance(t, torch.Tensor)
+                                  and t.dim() > 0 else t, out)
+        return out
+
+
+def _zeros(ref: torch.Tensor, shape: tuple[int, ...], ref_shape: tuple[int, ...], dtype: torch.dtype,
+           value: float) -> torch.Tensor:
+    """Constant standing in for a removed tensor. A dimension that matched the first input's dimension
+    at the same position when traced (the batch, a sequence length) follows that input at run time."""
+    shape = tuple(ref.shape[d] if d < len(ref_shape) and n == ref_shape[d] else n
+                  for d, n in enumerate(shape))
+    return torch.full(shape, value, dtype=dtype, device=ref.device)
+
+
+torch.fx.wrap("_zeros")
+
+
+def prune(graph: ComputationGraph, mask: Any) -> fx.GraphModule:
+    """A physically smaller copy of the model with the edges where ``mask`` is 0 removed.
+
+    Its outputs equal ``GatedModel(graph)(x, mask=mask)``. Parameters that only fed removed edges are
+    gone. The result is an independent module (a deep copy): fine-tuning it leaves the original alone.
+    """
+    m = check_mask(mask, graph.num_prunable, binary=True, batch=False)
+    g = copy.deepcopy(graph.module.graph)
+    by_name = {n.name: n for n in g.nodes}
+    ref = next(n for n in g.nodes if n.op == "placeholder")
+    ref_shape = graph.node_info[ref.name][0]
+    for i, edge in enumerate(graph.prunable):
+        if m[i] == 1:
+            continue
+        one = _neutral_one(edge)
+        for p, c in edge.links:
+            producer, consumer = by_name[p], by_name[c]
+            if _drop_term(consumer, producer, graph, one):
+                continue
+            shape, dtype = graph.node_info[p]
+            with g.inserting_before(consumer):
+                const = g.call_function(_zeros, (ref, shape, ref_shape, dtype, 1.0 if one else 0.0))
+            consumer.replace_input_with(producer, const)
+    pruned = fx.GraphModule(graph.module, g)
+    pruned.graph.eliminate_dead_code()
+    pruned.graph.lint()
+    pruned.recompile()
+    pruned.delete_all_unused_submodules()
+    return copy.deepcopy(pruned)
+
+
+def _keep(x: torch.Tensor) -> torch.Tensor:
+    """What ``a + b`` becomes when b is removed (or ``a * b`` for a one-neutral b): just a."""
+    return x
+
+
+torch.fx.wrap("_keep")
+
+
+def _drop_term(consumer: fx.Node, producer: fx.Node, graph: ComputationGraph, one: bool) -> bool:
+    """Rewrite ``a + b`` (or ``a * b`` when b's neutral element is 1) with b removed as ``a``, exactly,
+    when the shapes allow it; returns True if done. The node keeps its name, so later links still find it."""
+    if _canonical_op(consumer) != ("mul" if one else "add") or len(consumer.args) != 2 \
+            or consumer.kwargs.get("alpha", 1) != 1:
+        return False
+    a, b = consumer.args
+    if a is producer and b is producer:
+        return False
+    keep = b if a is producer else a
+    if not isinstance(keep, fx.Node) or producer not in (a, b):
+        return False
+    info_keep, info_out = graph.node_info.get(keep.name), graph.node_info.get(consumer.name)
+    if not (isinstance(info_keep, tuple) and info_keep == info_out):
+        return False  # the op broadcasts or promotes the dtype: replace b by a constant instead
+    consumer.op, consumer.target, consumer.args, consumer.kwargs = "call_function", _keep, (keep,), {}
+    return True

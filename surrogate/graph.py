@@ -1,0 +1,492 @@
+"""Computation graph of an arbitrary PyTorch model.
+
+A model is traced (torch.fx first, torch.export as fallback) into an fx graph of tensor operations. Those
+operations are grouped into *vertices* (by default: one vertex per call of a leaf module such as a Conv2d
+or Linear, and one per free-standing tensor operation such as an ``add`` or ``cat``), and an *edge* is a
+tensor that flows from one vertex into another. A subset of the edges is *prunable*: by default the
+inputs of every merge (residual add, concatenation, elementwise product of two branches); optionally
+every edge. Names are module paths, so ``"layer1.0.bn2 -> layer1.0.add"`` reads as "the residual branch
+of block layer1.0".
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Sequence, Union
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["Vertex", "Edge", "ComputationGraph", "TraceError", "build_graph", "trace"]
+
+
+class TraceError(RuntimeError):
+    """The model could not be turned into a sound computation graph."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# tracing
+
+def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    inputs = tuple(example_inputs)
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise TypeError("example_inputs must be a tensor or a tuple of tensors (the model's positional "
+                        f"inputs); got {type(example_inputs).__name__}. Wrap a model with keyword "
+                        "inputs in a small nn.Module whose forward takes tensors positionally.")
+    return inputs
+
+
+def _trace_fx(model: nn.Module) -> fx.GraphModule:
+    return fx.symbolic_trace(model)
+
+
+def _trace_export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    # Every dimension may stay dynamic (export decides); the batch dimension must, so that a batch of
+    # masks can be evaluated as one larger batch.
+    dyn = tuple({d: torch.export.Dim.AUTO for d in range(x.dim())} for x in inputs)
+    was_training = model.training
+    model.eval()  # the exported graph is specialised to eval mode (dropout off, running BN stats)
+    try:
+        ep = torch.export.export(model, inputs, dynamic_shapes=dyn, strict=False)
+    finally:
+        model.train(was_training)
+    return ep.module()
+
+
+def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor],
+          tracer: Literal["auto", "fx", "export"] = "auto") -> tuple[fx.GraphModule, str]:
+    """Trace ``model`` into an fx.GraphModule; returns it with the name of the tracer that worked.
+
+    "auto" tries torch.fx symbolic tracing (module-level graph, keeps train/eval behaviour) and falls back
+    to torch.export (works for models with Python control flow such as Hugging Face transformers).
+    The traced module is checked against the model on ``example_inputs``.
+    """
+    inputs = _as_tuple(example_inputs)
+    if tracer not in ("auto", "fx", "export"):
+        raise ValueError(f"tracer must be 'auto', 'fx' or 'export', got {tracer!r}")
+    errors: list[str] = []
+    with torch.no_grad():
+        reference = model(*inputs)
+    for name in (("fx", "export") if tracer == "auto" else (tracer,)):
+        try:
+            gm = _trace_fx(model) if name == "fx" else _trace_export(model, inputs)
+            with torch.no_grad():
+                out = gm(*inputs)
+            _check_same(reference, out)
+            return gm, name
+        except Exception as exc:  # noqa: BLE001 - every failure is reported below
+            errors.append(f"  torch.{name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
+    raise TraceError(
+        f"Could not trace {type(model).__name__} into a computation graph.\n" + "\n".join(errors) +
+        "\nWhat to do: make forward() take tensors positionally and return tensors; avoid Python control "
+        "flow on tensor values (torch.fx) or pass tracer='export' with example inputs of batch size >= 2; "
+        "for Hugging Face models call them with use_cache=False (see surrogate.models.CausalLMLogits).")
+
+
+def _check_same(a: Any, b: Any) -> None:
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    ta = [x for x in la if isinstance(x, torch.Tensor)]
+    tb = [x for x in lb if isinstance(x, torch.Tensor)]
+    if len(ta) != len(tb):
+        raise TraceError(f"traced module returns {len(tb)} tensors, the model {len(ta)}")
+    for x, y in zip(ta, tb):
+        if x.shape != y.shape or not torch.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True):
+            raise TraceError("traced module disagrees with the model on the example inputs "
+                             "(data-dependent control flow baked into the trace?)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# graph structure
+
+@dataclass(frozen=True)
+class Vertex:
+    """A layer/module call or a free-standing operation."""
+    name: str            # module path ("layer1.0.conv1", "@1" appended for a repeated call) or op name
+    kind: str            # "input" | "module" | "op" | "output"
+    op: str              # module class name, or canonical op name ("add", "cat", "linear", ...)
+    nodes: tuple[str, ...] = field(repr=False)  # fx node names grouped into this vertex
+
+
+@dataclass(frozen=True)
+class Edge:
+    """Data flow from vertex ``src`` into vertex ``dst`` (one or more fx tensors)."""
+    src: str
+    dst: str
+    links: tuple[tuple[str, str], ...] = field(repr=False)  # (producer node, consumer node) pairs
+    merge: str | None = None  # canonical merge op of the consumer ("add", "cat", "mul", ...) if any
+
+    @property
+    def name(self) -> str:
+        return f"{self.src} -> {self.dst}"
+
+
+# canonical op name -> value a removed input is replaced by (its neutral element)
+MERGE_OPS: dict[str, str] = {"add": "zero", "sub": "zero", "cat": "zero", "concat": "zero",
+                             "concatenate": "zero", "stack": "zero", "mul": "one"}
+
+
+def _canonical_op(node: fx.Node) -> str:
+    t = node.target
+    if node.op == "call_method":
+        name = str(t)
+    elif node.op == "call_function":
+        if isinstance(t, torch._ops.OpOverload):
+            name = t.overloadpacket.__name__
+        elif isinstance(t, torch._ops.OpOverloadPacket):
+            name = t.__name__
+        else:
+            name = getattr(t, "__name__", str(t))
+    else:
+        return node.op
+    name = name.rstrip("_")
+    return {"iadd": "add", "isub": "sub", "imul": "mul", "truediv": "div", "itruediv": "div"}.get(name, name)
+
+
+VertexRule = Union[None, int, tuple, Callable[[str, nn.Module], bool]]
+EdgeRule = Union[Literal["merge", "all"], Callable[["Edge"], bool]]
+
+
+@dataclass
+class ComputationGraph:
+    """The vertex/edge view of a traced model, plus which edges are prunable (gated)."""
+    module: fx.GraphModule
+    vertices: list[Vertex]                      # topological order
+    edges: list[Edge]                           # every data edge between vertices
+    prunable: list[Edge]                        # the gated edges, in topological order of their dst
+    tracer: str
+    example_inputs: tuple[torch.Tensor, ...] = field(repr=False)
+    node_info: dict[str, Any] = field(repr=False, default_factory=dict)  # node -> (shape, dtype) | None
+
+    # -- lookups ---------------------------------------------------------------------------------
+    @property
+    def edge_names(self) -> list[str]:
+        return [e.name for e in self.prunable]
+
+    @property
+    def num_prunable(self) -> int:
+        return len(self.prunable)
+
+    def edge_index(self, name: str) -> int:
+        for i, e in enumerate(self.prunable):
+            if e.name == name:
+                return i
+        close = [e.name for e in self.prunable if name.split(" -> ")[0] in e.name][:5]
+        raise KeyError(f"no prunable edge named {name!r}; the graph has {self.num_prunable} prunable edges"
+                       f" (graph.edge_names lists them){'; similar: ' + ', '.join(close) if close else ''}")
+
+    def vertex(self, name: str) -> Vertex:
+        for v in self.vertices:
+            if v.name == name:
+                return v
+        raise KeyError(f"no vertex named {name!r} (graph.vertices lists them)")
+
+    @property
+    def input_vertices(self) -> list[str]:
+        return [v.name for v in self.vertices if v.kind == "input"]
+
+    @property
+    def output_vertex(self) -> str:
+        return self.vertices[-1].name
+
+    def successors(self, name: str) -> list[str]:
+        return [e.dst for e in self.edges if e.src == name]
+
+    def predecessors(self, name: str) -> list[str]:
+        return [e.src for e in self.edges if e.dst == name]
+
+    def mask_from_removed(self, removed: Iterable[str | int]) -> torch.Tensor:
+        """All-ones mask with the named (or indexed) prunable edges set to 0."""
+        m = torch.ones(self.num_prunable)
+        for r in removed:
+            m[r if isinstance(r, int) else self.edge_index(r)] = 0.0
+        return m
+
+    # -- connectivity ----------------------------------------------------------------------------
+    def connected(self, masks: torch.Tensor | np.ndarray) -> np.ndarray:
+        """For each binary mask (shape (E,) or (M, E)), whether some input->output path survives."""
+        m = np.asarray(masks.detach().cpu() if isinstance(masks, torch.Tensor) else masks, dtype=bool)
+        single = m.ndim == 1
+        m = np.atleast_2d(m)
+        if m.shape[1] != self.num_prunable:
+            raise ValueError(f"masks have {m.shape[1]} entries, the graph has {self.num_prunable} "
+                             "prunable edges")
+        gate = {e.name: i for i, e in enumerate(self.prunable)}
+        reach = {v.name: np.full(len(m), v.kind == "input") for v in self.vertices}
+        for v in self.vertices:  # topological order: reach(v) = OR over in-edges reach(u) AND kept(e)
+            for e in self.edges:
+                if e.dst == v.name:
+                    kept = m[:, gate[e.name]] if e.name in gate else True
+                    reach[v.name] = reach[v.name] | (reach[e.src] & kept)
+        out = reach[self.output_vertex]
+        return out[0] if single else out
+
+    def paths(self, max_paths: int = 100_000) -> list[list[int]]:
+        """Input->output paths as lists of prunable-edge indices they cross (for small graphs)."""
+        gate = {e.name: i for i, e in enumerate(self.prunable)}
+        out_edges: dict[str, list[Edge]] = {}
+        for e in self.edges:
+            out_edges.setdefault(e.src, []).append(e)
+        result: list[list[int]] = []
+        stack = [(v, []) for v in self.input_vertices]
+        while stack:
+            v, crossed = stack.pop()
+            if v == self.output_vertex:
+                result.append(crossed)
+                if len(result) > max_paths:
+                    raise ValueError(f"more than {max_paths} input->output paths; use connected() instead")
+                continue
+            for e in out_edges.get(v, []):
+                stack.append((e.dst, crossed + ([gate[e.name]] if e.name in gate else [])))
+        return result
+
+    def summary(self) -> str:
+        kinds = {k: sum(v.kind == k for v in self.vertices) for k in ("input", "module", "op", "output")}
+        return (f"ComputationGraph(tracer={self.tracer}, vertices={len(self.vertices)} {kinds}, "
+                f"edges={len(self.edges)}, prunable={self.num_prunable})")
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def draw(self, ax=None, importances: Sequence[float] | None = None, label_vertices: bool = True):
+        from .plotting import draw_graph
+        return draw_graph(self, ax=ax, importances=importances, label_vertices=label_vertices)
+
+
+# ----------------------------------------------------------------------------------------------------
+# building
+
+def _record_values(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """Run the graph once and keep, for each node, (shape, dtype) of tensors (tuples for tuple outputs)."""
+    info: dict[str, Any] = {}
+
+    def summarise(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return (tuple(v.shape), v.dtype)
+        if isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v):
+            return [summarise(x) for x in v]
+        return None
+
+    class _Rec(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            info[n.name] = summarise(out)
+            return out
+
+    with torch.no_grad():
+        _Rec(gm).run(*inputs)
+    return info
+
+
+def _is_float(info: Any) -> bool:
+    return isinstance(info, tuple) and info[1].is_floating_point
+
+
+def _has_tensor(info: Any) -> bool:
+    return isinstance(info, tuple) or (isinstance(info, list) and any(_has_tensor(x) for x in info))
+
+
+def _module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """[(path, call suffix)] from outermost to innermost module, the root excluded."""
+    stack = node.meta.get("nn_module_stack") or {}
+    result = []
+    for key, value in stack.items():
+        path = value[0] if isinstance(value, tuple) else str(value)
+        if not path:
+            continue
+        call = key.rsplit("@", 1)[1] if "@" in key else ""
+        result.append((path, call))
+    return result
+
+
+def _vertex_rule(rule: VertexRule, model: nn.Module) -> Callable[[str], bool]:
+    """Return is_unit(path): does a call of the module at ``path`` form one vertex?"""
+    def module_at(path: str) -> nn.Module | None:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            return None
+
+    def leaf(path: str) -> bool:
+        m = module_at(path)
+        return m is not None and next(m.children(), None) is None
+
+    if rule is None:
+        return leaf
+    if isinstance(rule, int):
+        return lambda p: p.count(".") + 1 == rule or (leaf(p) and p.count(".") + 1 < rule)
+    if isinstance(rule, tuple):
+        return lambda p: isinstance(module_at(p), rule) or leaf(p)
+    if callable(rule):
+        return lambda p: (module_at(p) is not None and rule(p, module_at(p))) or leaf(p)
+    raise TypeError("vertices must be None (leaf modules), an int depth, a tuple of module classes, or a "
+                    f"callable (path, module) -> bool; got {rule!r}")
+
+
+def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
+                vertices: VertexRule = None, edges: EdgeRule = "merge",
+                exclude: str | None = None, tracer: Literal["auto", "fx", "export"] = "auto"
+                ) -> ComputationGraph:
+    """Build the computation graph of ``model``.
+
+    vertices: how fx operations group into vertices. None: one vertex per leaf-module call and per
+        free-standing op; an int d: modules at depth d are vertices; a tuple of module classes (or a
+        predicate (path, module) -> bool): calls of matching modules are vertices. Leaf modules are always
+        units; the outermost matching module wins.
+    edges: which edges are prunable. "merge": every floating-point input of a merge op (add, sub, cat,
+        stack, and mul of two computed tensors) that has at least two such inputs; "all": every
+        floating-point edge except those into the output; or a predicate on Edge.
+    exclude: optional regular expression; prunable edges whose name matches it are not gated.
+    """
+    inputs = _as_tuple(example_inputs)
+    gm, used = trace(model, inputs, tracer)
+    info = _record_values(gm, inputs)
+    is_unit = _vertex_rule(vertices, model)
+    nodes = list(gm.graph.nodes)
+
+    # data nodes: tensors computed from the inputs through tensor arguments (shape arithmetic excluded)
+    data: set[str] = set()
+    for n in nodes:
+        if n.op == "placeholder":
+            if isinstance(info.get(n.name), tuple):
+                data.add(n.name)
+        elif n.op in ("call_function", "call_method", "call_module") and _has_tensor(info.get(n.name)):
+            if any(p.name in data for p in n.all_input_nodes):
+                data.add(n.name)
+
+    # vertex of each data node
+    vertex_of: dict[str, str] = {}
+    meta: dict[str, tuple[str, str]] = {}  # vertex -> (kind, op)
+    order: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        if n.name not in data and n.op != "output":
+            continue
+        if n.op == "placeholder":
+            v, kind, op = n.name, "input", "input"
+        elif n.op == "output":
+            v, kind, op = "output", "output", "output"
+        elif _is_pass_through(n, data, info):
+            v = vertex_of[n.all_input_nodes[0].name]  # an alias of its input (e.g. a no-op dtype cast)
+            kind, op = meta[v]
+        else:
+            stack = _module_stack(n)
+            unit = next(((p, c) for p, c in stack if is_unit(p)), None)
+            if n.op == "call_module" and unit is None:
+                unit = (str(n.target), "")
+            if unit is not None:
+                v = unit[0] + (f"@{unit[1]}" if unit[1] else "")
+                kind, op = "module", type(model.get_submodule(unit[0])).__name__ \
+                    if _safe_has(model, unit[0]) else "module"
+            else:
+                scope = stack[-1][0] if stack else ""
+                v, kind, op = (f"{scope}.{n.name}" if scope else n.name), "op", _canonical_op(n)
+        vertex_of[n.name] = v
+        meta.setdefault(v, (kind, op))
+        order.setdefault(v, i)
+
+    # edges between vertices
+    links: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for n in nodes:
+        if n.name not in vertex_of:
+            continue
+        for p in n.all_input_nodes:
+            if p.name in data and vertex_of[p.name] != vertex_of[n.name]:
+                links.setdefault((vertex_of[p.name], vertex_of[n.name]), []).append((p.name, n.name))
+
+    by_name = {n.name: n for n in nodes}
+    all_edges: list[Edge] = []
+    for (s, d), lk in links.items():
+        merge = None
+        consumers = {c for _, c in lk}
+        if len(consumers) == 1:
+            c = by_name[next(iter(consumers))]
+            op = _canonical_op(c)
+            float_inputs = [p for p in _flat_inputs(c) if p.name in data and _is_float(info.get(p.name))]
+            if op in MERGE_OPS and len(float_inputs) >= 2:
+                merge = op
+        all_edges.append(Edge(s, d, tuple(lk), merge))
+
+    vnames = _toposort(list(meta), [(e.src, e.dst) for e in all_edges], order)
+    vert = [Vertex(v, meta[v][0], meta[v][1],
+                   tuple(n for n in vertex_of if vertex_of[n] == v)) for v in vnames]
+    pos = {v: i for i, v in enumerate(vnames)}
+    all_edges.sort(key=lambda e: (pos[e.dst], pos[e.src]))
+
+    def floating(e: Edge) -> bool:
+        return all(_is_float(info.get(p)) for p, _ in e.links)
+
+    if edges == "merge":
+        pick = [e for e in all_edges if e.merge is not None and floating(e)]
+    elif edges == "all":
+        pick = [e for e in all_edges if e.dst != "output" and floating(e)]
+    elif callable(edges):
+        pick = [e for e in all_edges if edges(e)]
+        bad = [e.name for e in pick if not floating(e)]
+        if bad:
+            raise ValueError(f"edges {bad[:3]} carry non-floating-point tensors and cannot be gated")
+    else:
+        raise ValueError(f"edges must be 'merge', 'all' or a predicate on Edge, got {edges!r}")
+    if exclude is not None:
+        pick = [e for e in pick if not re.search(exclude, e.name)]
+    if not pick:
+        warnings.warn(f"{type(model).__name__}: no prunable edges were found with edges={edges!r}")
+    return ComputationGraph(gm, vert, all_edges, pick, used, inputs, info)
+
+
+_PASS_THROUGH = {"to", "alias", "contiguous", "detach", "type_as", "_to_copy", "clone", "lift_fresh_copy"}
+
+
+def _is_pass_through(n: fx.Node, data: set[str], info: dict[str, Any]) -> bool:
+    """A value-preserving op (same shape and dtype as its only data input): it joins its input's vertex,
+    so that e.g. a residual read through a no-op cast is attributed to the layer that produced it."""
+    if n.op not in ("call_function", "call_method") or _canonical_op(n) not in _PASS_THROUGH:
+        return False
+    ins = [p for p in n.all_input_nodes if p.name in data]
+    return len(ins) == 1 and info.get(ins[0].name) == info.get(n.name) and ins[0].op != "placeholder"
+
+
+def _safe_has(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _flat_inputs(node: fx.Node) -> list[fx.Node]:
+    """Input nodes in argument order, with repeats (``x + x`` has two inputs)."""
+    result: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: result.append(a) or a)
+    return result
+
+
+def _toposort(names: list[str], pairs: list[tuple[str, str]], order: dict[str, int]) -> list[str]:
+    indeg = {v: 0 for v in names}
+    out: dict[str, list[str]] = {v: [] for v in names}
+    for s, d in pairs:
+        indeg[d] += 1
+        out[s].append(d)
+    ready = sorted((v for v in names if indeg[v] == 0), key=order.get)
+    result = []
+    while ready:
+        v = ready.pop(0)
+        result.append(v)
+        for d in out[v]:
+            indeg[d] -= 1
+            if indeg[d] == 0:
+                ready.append(d)
+        ready.sort(key=order.get)
+    if len(result) != len(names):
+        raise TraceError("grouping operations into vertices produced a cycle; choose finer vertices "
+                         "(vertices=None groups by leaf module)")
+    if result[-1] != "output":
+        result.remove("output")
+        result.append("output")
+    return result

@@ -1,0 +1,322 @@
+"""Properties of the computation graph, the gates and physical pruning, on tiny models of many kinds."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from surrogate import GatedModel, TraceError, build_graph, prune
+from surrogate.models import (Block, CausalLMLogits, RandomGraphConfig, RandomGraphNet, gpt2_small_random,
+                              resnet20)
+from surrogate.profile import count_params
+
+warnings.filterwarnings("ignore", message=".*token_id.*")
+
+
+@dataclass
+class Case:
+    name: str
+    make: Callable[[], tuple[nn.Module, torch.Tensor]]
+    build: dict
+    expected_edges: Callable[[nn.Module], int]  # what the architecture implies
+
+
+def _random_graph():
+    torch.manual_seed(0)
+    net = RandomGraphNet(RandomGraphConfig(iterations=5, seed=7)).eval()
+    return net, torch.randn(4, 16)
+
+
+def _resnet20():
+    torch.manual_seed(0)
+    net = resnet20().eval()
+    _randomise_bn(net)
+    return net, torch.randn(2, 3, 32, 32)
+
+
+def _randomise_bn(net: nn.Module) -> None:
+    # fresh BatchNorm layers are identities in eval mode; random statistics make the test meaningful
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+
+
+def _torchvision(name: str):
+    def make():
+        import torchvision
+        torch.manual_seed(0)
+        net = getattr(torchvision.models, name)().eval()
+        _randomise_bn(net)
+        return net, torch.randn(2, 3, 64, 64)
+    return make
+
+
+def _gpt2():
+    return CausalLMLogits(gpt2_small_random(n_layer=2)).eval(), torch.randint(0, 128, (2, 12))
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return CausalLMLogits(LlamaForCausalLM(cfg).eval()), torch.randint(0, 128, (2, 12))
+
+
+def _mobilenet_edges(net: nn.Module) -> int:
+    from torchvision.ops.misc import SqueezeExcitation
+    se = sum(isinstance(m, SqueezeExcitation) for m in net.modules())
+    res = sum(getattr(m, "use_res_connect", False) for m in net.modules())
+    return 2 * se + 2 * res
+
+
+CASES = [
+    # every edge of the random DAG: input edge + 4 per iteration + 2 per end block
+    Case("random_graph", _random_graph, dict(vertices=(Block,), edges="all"),
+         lambda n: 1 + 4 * n.config.iterations + 2 * len(n.ends)),
+    # 9 residual branches + 9 shortcuts
+    Case("resnet20", _resnet20, {}, lambda n: 18),
+    # 8 basic blocks, each an add of branch and shortcut
+    Case("resnet18", _torchvision("resnet18"), {}, lambda n: 16),
+    # depthwise convs, squeeze-excitation (product of features and scale) and residual adds
+    Case("mobilenet_v3_small", _torchvision("mobilenet_v3_small"), {}, _mobilenet_edges),
+    # 8 Fire modules, each a concatenation of two expand branches
+    Case("squeezenet1_1", _torchvision("squeezenet1_1"), {}, lambda n: 16),
+    # two residual adds per layer (attention and MLP sub-layers), each with skip and branch
+    Case("gpt2", _gpt2, {}, lambda n: 4 * 2),
+    # grouped-query attention and gated (SwiGLU) MLP; rotary-embedding arithmetic excluded by name
+    Case("llama_gqa", _llama, dict(exclude=r"-> \S*self_attn\."), lambda n: (4 + 2) * 2),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: c.name)
+def case(request):
+    c: Case = request.param
+    net, x = c.make()
+    graph = build_graph(net, x, **c.build)
+    return c, net, x, graph, GatedModel(graph)
+
+
+def test_prunable_edge_count(case):
+    c, net, x, graph, _ = case
+    assert graph.num_prunable == c.expected_edges(net)
+    assert len(set(graph.edge_names)) == graph.num_prunable  # names are unique
+
+
+def test_all_ones_mask_reproduces_model_exactly(case):
+    _, net, x, graph, gated = case
+    with torch.no_grad():
+        ref = net(x)
+        assert torch.equal(gated(x), ref)
+        assert torch.equal(gated(x, mask=torch.ones(graph.num_prunable)), ref)
+        assert torch.equal(gated(x, mask=torch.ones(graph.num_prunable, dtype=torch.bool)), ref)
+
+
+def test_pruned_model_equals_masked_model(case):
+    _, net, x, graph, gated = case
+    gen = torch.Generator().manual_seed(0)
+    masks = [graph.mask_from_removed([i]) for i in range(graph.num_prunable)]
+    masks += [(torch.rand(graph.num_prunable, generator=gen) < 0.5).float() for _ in range(3)]
+    masks += [torch.zeros(graph.num_prunable)]
+    with torch.no_grad():
+        for m in masks:
+            small = prune(graph, m)
+            assert torch.equal(small(x), gated(x, mask=m)), f"removed {(m == 0).nonzero().flatten().tolist()}"
+            assert count_params(small) <= count_params(net)
+
+
+def test_masking_changes_output(case):
+    _, net, x, graph, gated = case
+    with torch.no_grad():
+        ref = gated(x)
+        changed = [not torch.equal(gated(x, mask=graph.mask_from_removed([i])), ref)
+                   for i in range(graph.num_prunable)]
+    assert all(changed)
+
+
+def test_batch_of_masks_matches_one_at_a_time(case):
+    _, _, x, graph, gated = case
+    gen = torch.Generator().manual_seed(1)
+    masks = (torch.rand(4, graph.num_prunable, generator=gen) < 0.6).float()
+    with torch.no_grad():
+        batched = gated(x, mask=masks)
+        for i, m in enumerate(masks):
+            # one larger batch may take other CPU kernel paths: equal up to float reordering
+            torch.testing.assert_close(batched[i], gated(x, mask=m), rtol=1e-5, atol=1e-6)
+
+
+def test_gates_are_differentiable(case):
+    _, _, x, graph, gated = case
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    gates = torch.ones(graph.num_prunable, requires_grad=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        out = gated(x, mask=gates)
+    (grad,) = torch.autograd.grad(out.float().pow(2).mean(), gates)
+    assert grad.shape == gates.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# hand-written references: removing an edge = the consumer sees zeros instead of that tensor
+
+def _random_graph_reference(net: RandomGraphNet, x: torch.Tensor, removed: set[tuple[str, str]]):
+    h = {"input": x}
+    for name, parents in net.spec:
+        h[name] = net.nodes[name](*[h[p] * (0.0 if (p, name) in removed else 1.0) for p in parents])
+    return net.head(*[h[e] * (0.0 if (e, "head") in removed else 1.0) for e in net.ends])
+
+
+def test_random_graph_edges_match_reference():
+    net, x = _random_graph()
+    graph = build_graph(net, x, vertices=(Block,), edges="all")
+    gated = GatedModel(graph)
+
+    def vertex_to_node(v: str) -> str:
+        return {"x": "input", "head": "head"}.get(v, v.removeprefix("nodes."))
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        m = (torch.rand(graph.num_prunable, generator=gen) < 0.7).float()
+        removed = {(vertex_to_node(e.src), vertex_to_node(e.dst)) for e, k in zip(graph.prunable, m) if k == 0}
+        with torch.no_grad():
+            assert torch.equal(gated(x, mask=m), _random_graph_reference(net, x, removed))
+
+
+def _resnet20_reference(net, x, drop_branch: set[str], drop_skip: set[str]):
+    x = F.relu(net.bn(net.conv(x)))
+    for lname in ("layer1", "layer2", "layer3"):
+        for i, blk in enumerate(getattr(net, lname)):
+            key = f"{lname}.{i}"
+            out = blk.bn2(blk.conv2(F.relu(blk.bn1(blk.conv1(x)))))
+            out = torch.zeros_like(out) if key in drop_branch else out
+            skip = torch.zeros_like(out) if key in drop_skip else blk.shortcut(x)
+            x = F.relu(out + skip)
+    return net.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_resnet20_edges_match_reference():
+    net, x = _resnet20()
+    graph = build_graph(net, x)
+    gated = GatedModel(graph)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        m = (torch.rand(graph.num_prunable, generator=gen) < 0.6).float()
+        branch = {e.dst.rsplit(".", 1)[0] for e, k in zip(graph.prunable, m) if k == 0 and e.src.endswith("bn2")}
+        skip = {e.dst.rsplit(".", 1)[0] for e, k in zip(graph.prunable, m) if k == 0
+                and e.src.endswith("shortcut")}
+        assert len(branch) + len(skip) == int((m == 0).sum())
+        with torch.no_grad():
+            assert torch.equal(gated(x, mask=m), _resnet20_reference(net, x, branch, skip))
+
+
+def test_gpt2_branch_edges_match_hooks():
+    net, x = _gpt2()
+    graph = build_graph(net, x)
+    gated = GatedModel(graph)
+    blocks = net.lm.transformer.h
+    for i, blk in enumerate(blocks):
+        for sub, mod in (("attn", blk.attn.resid_dropout), ("mlp", blk.mlp.dropout)):
+            name = next(e.name for e in graph.prunable if e.src.endswith(f"h.{i}.{sub}.{'resid_dropout' if sub == 'attn' else 'dropout'}"))
+            handle = mod.register_forward_hook(lambda m, inp, out: torch.zeros_like(out))
+            try:
+                with torch.no_grad():
+                    ref = net(x)
+            finally:
+                handle.remove()
+            with torch.no_grad():
+                torch.testing.assert_close(gated(x, mask=graph.mask_from_removed([name])), ref, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# physical pruning removes computation and parameters
+
+def test_pruning_a_resnet_branch_removes_its_parameters():
+    net, x = _resnet20()
+    graph = build_graph(net, x)
+    name = next(e.name for e in graph.prunable if e.src == "layer3.2.bn2")
+    small = prune(graph, graph.mask_from_removed([name]))
+    blk = net.layer3[2]
+    removed = sum(p.numel() for m in (blk.conv1, blk.bn1, blk.conv2, blk.bn2) for p in m.parameters())
+    assert count_params(small) == count_params(net) - removed
+    full = prune(graph, torch.ones(graph.num_prunable))  # budget 0: the original network
+    assert count_params(full) == count_params(net)
+    with torch.no_grad():
+        assert torch.equal(full(x), net(x))
+
+
+def test_pruned_model_is_independent_of_original():
+    net, x = _resnet20()
+    graph = build_graph(net, x)
+    small = prune(graph, graph.mask_from_removed([0]))
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(1.0)
+        assert torch.equal(GatedModel(graph)(x), net(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# connectivity
+
+def test_connectivity_agrees_with_path_enumeration():
+    net, x = _random_graph()
+    graph = build_graph(net, x, vertices=(Block,), edges="all")
+    paths = graph.paths()
+    gen = torch.Generator().manual_seed(0)
+    masks = (torch.rand(200, graph.num_prunable, generator=gen) < 0.5)
+    brute = [any(all(m[i] for i in p) for p in paths) for m in masks]
+    assert graph.connected(masks).tolist() == brute
+    assert graph.connected(torch.ones(graph.num_prunable)) and not graph.connected(torch.zeros(graph.num_prunable))
+
+
+def test_resnet_stays_connected_without_any_single_edge():
+    net, x = _resnet20()
+    graph = build_graph(net, x)
+    assert all(graph.connected(graph.mask_from_removed([i])) for i in range(graph.num_prunable))
+    # removing both edges into one add disconnects it
+    assert not graph.connected(graph.mask_from_removed([0, 1]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input gets a clear error
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a tensor value: neither tracer can capture both branches
+            return self.a(x) + x
+        return self.b(x) + x
+
+
+def test_untraceable_model_raises_trace_error():
+    with pytest.raises(TraceError, match="Could not trace"):
+        build_graph(_DataDependent(), torch.randn(3, 4))
+
+
+def test_bad_masks_and_names_raise(case):
+    _, _, x, graph, gated = case
+    e = graph.num_prunable
+    with pytest.raises(ValueError, match=f"{e} prunable edges"):
+        gated(x, mask=torch.ones(e + 1))
+    with pytest.raises(ValueError, match="NaN"):
+        gated(x, mask=torch.full((e,), float("nan")))
+    with pytest.raises(TypeError, match="dtype"):
+        gated(x, mask=torch.ones(e, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="binary"):
+        prune(graph, torch.full((e,), 0.5))
+    with pytest.raises(KeyError, match="no prunable edge"):
+        graph.edge_index("not -> an edge")
+    with pytest.raises(ValueError, match="dimensions"):
+        gated(x[0])
+
+
+def test_example_inputs_must_be_tensors():
+    with pytest.raises(TypeError, match="tensor"):
+        build_graph(nn.Linear(2, 2), [1.0, 2.0])
