@@ -28,15 +28,21 @@ __all__ = ["GatedModel", "prune", "check_mask"]
 _GATES_ATTR = "_surrogate_gates"
 
 
-def _gate(x: torch.Tensor, gates: torch.Tensor, index: int, neutral_one: bool) -> torch.Tensor:
-    """Gate ``x`` by gates[..., index]; gates is (E,) for one mask or (M, E) for M masks (batch-major x)."""
+def _gate(x: torch.Tensor, gates: torch.Tensor | tuple[float, ...], index: int, neutral_one: bool) -> torch.Tensor:
+    """Gate ``x`` by gates[..., index]. gates is a tuple of floats (one mask, no gradient: a kept edge
+    costs nothing), a tensor (E,) (one mask, differentiable), or (M, E) for M masks (batch-major x)."""
+    if isinstance(gates, tuple):
+        g = gates[index]
+        if g == 1.0:
+            return x  # == x * 1 exactly
+        return x * g + (1.0 - g) if neutral_one else x * g
     g = gates[..., index]
     if g.dim() == 1:  # M masks: x holds M consecutive copies of the data batch along dim 0
         m = g.shape[0]
         if x.dim() == 0 or x.shape[0] % m:
             raise RuntimeError(f"cannot apply {m} masks to a tensor of shape {tuple(x.shape)}: a batch of "
                                "masks needs every gated tensor to carry the batch in dimension 0")
-        g = g.view(m, *([1] * x.dim()))
+        g = g.to(x.dtype).view(m, *([1] * x.dim()))
         xs = x.unflatten(0, (m, -1))
         return (xs * g + (1 - g) if neutral_one else xs * g).flatten(0, 1)
     g = g.to(x.dtype)
@@ -126,10 +132,13 @@ class GatedModel(nn.Module):
         ref_param = next(iter(self.module.parameters()), None)
         device = ref_param.device if ref_param is not None else inputs[0].device
         if mask is None:
-            gates = torch.ones(e, device=device)
+            gates: torch.Tensor | tuple[float, ...] = (1.0,) * e
+            m = 0
         else:
             gates = check_mask(mask, e).to(device)
-        m = gates.shape[0] if gates.dim() == 2 else 0
+            m = gates.shape[0] if gates.dim() == 2 else 0
+            if m == 0 and not (gates.requires_grad and torch.is_grad_enabled()):
+                gates = tuple(gates.tolist())
         if m:
             inputs = tuple(x.repeat(m, *([1] * (x.dim() - 1))) for x in inputs)
         setattr(self.module, _GATES_ATTR, gates)
