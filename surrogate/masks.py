@@ -1,0 +1,90 @@
+"""Mask designs: which pruned networks to measure (to fit a surrogate) or to test on."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+from .graph import ComputationGraph
+
+__all__ = ["prior_design", "bernoulli_masks", "sparsity_masks", "pair_masks", "all_masks_with_removed",
+           "unique_rows"]
+
+
+def prior_design(num_edges: int) -> np.ndarray:
+    """The prior protocol's |E|+2 fitting masks: all ones, all zeros, and every single edge removed."""
+    return np.vstack([np.ones(num_edges), np.zeros(num_edges), 1 - np.eye(num_edges)]).astype(np.float32)
+
+
+def bernoulli_masks(num_edges: int, n: int, keep_prob: float, seed: int) -> np.ndarray:
+    """n masks with every edge kept independently with probability keep_prob (the prior test design)."""
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, num_edges)) < keep_prob).astype(np.float32)
+
+
+def sparsity_masks(graph: ComputationGraph, n: int, min_frac: float, max_frac: float, seed: int,
+                   connected: bool = True, exclude: np.ndarray | None = None,
+                   enumerate_limit: int = 50_000) -> np.ndarray:
+    """Up to n distinct masks removing between min_frac and max_frac of the edges (at least one edge),
+    optionally only networks that keep an input->output path, and never a row of ``exclude`` (e.g. the
+    fitting masks, so test masks are held out). Small spaces are enumerated and sampled without
+    replacement (all of them if fewer than n exist); large ones are sampled uniformly per removal count."""
+    e = graph.num_prunable
+    lo = max(1, math.ceil(min_frac * e))
+    hi = max(lo, math.floor(max_frac * e))
+    rng = np.random.default_rng(seed)
+    seen = {r.astype(np.float32).tobytes() for r in (exclude if exclude is not None else [])}
+    space = sum(math.comb(e, k) for k in range(lo, hi + 1))
+    if space <= enumerate_limit:
+        cand = np.vstack([all_masks_with_removed(e, k) for k in range(lo, hi + 1)])
+        ok = np.array([r.tobytes() not in seen for r in cand])
+        if connected:
+            ok &= graph.connected(cand)
+        cand = cand[ok]
+        return cand[np.sort(rng.choice(len(cand), size=min(n, len(cand)), replace=False))]
+    out: list[np.ndarray] = []
+    for _ in range(200 * n):
+        if len(out) == n:
+            break
+        k = int(rng.integers(lo, hi + 1))
+        m = np.ones(e, dtype=np.float32)
+        m[rng.choice(e, size=k, replace=False)] = 0
+        key = m.tobytes()
+        if key in seen or (connected and not graph.connected(m)):
+            continue
+        seen.add(key)
+        out.append(m)
+    if len(out) < n:
+        raise RuntimeError(f"drew only {len(out)} of {n} distinct masks removing {lo}-{hi} of {e} edges"
+                           f"{' with a connected network' if connected else ''}; ask for fewer masks")
+    return np.stack(out)
+
+
+def pair_masks(num_edges: int, n: int | None, seed: int) -> np.ndarray:
+    """Masks removing two edges: all pairs (n=None) or n random distinct pairs."""
+    pairs = list(itertools.combinations(range(num_edges), 2))
+    if n is not None and n < len(pairs):
+        rng = np.random.default_rng(seed)
+        pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), size=n, replace=False))]
+    out = np.ones((len(pairs), num_edges), dtype=np.float32)
+    for row, (a, b) in enumerate(pairs):
+        out[row, [a, b]] = 0
+    return out
+
+
+def all_masks_with_removed(num_edges: int, k: int, limit: int = 200_000) -> np.ndarray:
+    """Every mask with exactly k edges removed (for exhaustive budgeted search on small graphs)."""
+    count = math.comb(num_edges, k)
+    if count > limit:
+        raise ValueError(f"C({num_edges}, {k}) = {count} masks exceed the limit {limit}; use a search instead")
+    out = np.ones((count, num_edges), dtype=np.float32)
+    for row, idx in enumerate(itertools.combinations(range(num_edges), k)):
+        out[row, list(idx)] = 0
+    return out
+
+
+def unique_rows(masks: np.ndarray) -> np.ndarray:
+    """Rows in first-seen order without duplicates."""
+    _, idx = np.unique(masks, axis=0, return_index=True)
+    return masks[np.sort(idx)]

@@ -1,0 +1,288 @@
+"""Zero-shot edge scorers: one pass over a small scoring subset, no mask sampling.
+
+Each scorer returns a ``Predictor``: per-edge importances (higher = removing the edge costs more) and a
+mask-level prediction derived from them in a principled way -- the predicted loss increase is the sum of
+the removed edges' scores (additive scorers), the quadratic model in gate space (second-order Taylor), or
+whether the network is disconnected (connectivity). No sign is ever flipped after the fact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .evaluate import Subset, Task, evaluate_masks
+from .gating import GatedModel, prune
+from .graph import ComputationGraph
+from .masks import prior_design
+
+__all__ = ["Context", "Predictor", "AdditivePredictor", "QuadraticPredictor", "ConnectivityPredictor",
+           "gate_derivatives", "SCORERS", "score", "register_scorer"]
+
+
+@dataclass
+class Context:
+    """What a method may use: the model, its graph, the small scoring subset, and measured masks."""
+    graph: ComputationGraph
+    gated: GatedModel
+    scoring: Subset
+    task: Task
+    fit_masks: np.ndarray | None = None   # (K, E) masks measured on the scoring subset
+    fit_losses: np.ndarray | None = None  # (K,) their losses S(m) on the scoring subset
+    seed: int = 0
+    batch_size: int = 512
+    memo: dict[str, Any] = field(default_factory=dict, repr=False)  # shared expensive quantities
+
+    @property
+    def num_edges(self) -> int:
+        return self.graph.num_prunable
+
+    def base_loss(self) -> float:
+        """S(1) on the scoring subset."""
+        if "S1" not in self.memo:
+            ones = np.ones(self.num_edges, dtype=np.float32)
+            known = _lookup(self.fit_masks, self.fit_losses, ones[None])
+            self.memo["S1"] = float(known[0]) if known is not None else float(
+                evaluate_masks(self.gated, ones, self.scoring, self.task, batch_size=self.batch_size).loss[0])
+        return self.memo["S1"]
+
+    def single_edge_losses(self) -> np.ndarray:
+        """S(1 - e_i) for every edge i (measured; reused from the fitting masks when they include them)."""
+        if "loo" not in self.memo:
+            singles = 1 - np.eye(self.num_edges, dtype=np.float32)
+            known = _lookup(self.fit_masks, self.fit_losses, singles)
+            self.memo["loo"] = known if known is not None else evaluate_masks(
+                self.gated, singles, self.scoring, self.task, batch_size=self.batch_size).loss
+        return self.memo["loo"]
+
+    def derivatives(self, hessian: bool) -> tuple[float, np.ndarray, np.ndarray | None]:
+        key = "dH" if hessian else "d"
+        if "dH" in self.memo:
+            return self.memo["dH"]
+        if key not in self.memo:
+            self.memo[key] = gate_derivatives(self.gated, self.scoring, self.task, hessian=hessian,
+                                              batch_size=self.batch_size)
+        return self.memo[key]
+
+
+def _lookup(masks: np.ndarray | None, losses: np.ndarray | None, wanted: np.ndarray) -> np.ndarray | None:
+    """Losses of ``wanted`` masks if every one of them is among the measured masks, else None."""
+    if masks is None or losses is None:
+        return None
+    index = {row.astype(np.float32).tobytes(): i for i, row in enumerate(masks)}
+    rows = [index.get(w.astype(np.float32).tobytes()) for w in wanted]
+    return None if any(r is None for r in rows) else np.asarray(losses)[rows]
+
+
+# ----------------------------------------------------------------------------------------------------
+# predictors
+
+class Predictor:
+    """Mask -> predicted loss (or a quantity monotone in it; higher = worse) plus per-edge importance
+    (``importance``: the predicted cost of removing each edge alone; subclasses define both)."""
+
+    def predict(self, masks: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _as_masks(masks: Any, e: int) -> np.ndarray:
+    m = np.asarray(masks.detach().cpu() if isinstance(masks, torch.Tensor) else masks, dtype=np.float64)
+    m = m[None] if m.ndim == 1 else m
+    if m.ndim != 2 or m.shape[1] != e:
+        raise ValueError(f"masks must have shape (M, {e}), got {m.shape}")
+    return m
+
+
+@dataclass
+class AdditivePredictor(Predictor):
+    """S(m) ~ base + sum over removed edges of importance."""
+    name: str
+    importance: np.ndarray
+    base: float = 0.0
+
+    def predict(self, masks: np.ndarray) -> np.ndarray:
+        return self.base + (1 - _as_masks(masks, len(self.importance))) @ self.importance
+
+
+@dataclass
+class QuadraticPredictor(Predictor):
+    """S(m) ~ S(1) + g.(m-1) + 1/2 (m-1)^T H (m-1): the second-order Taylor model in gate space."""
+    name: str
+    base: float
+    grad: np.ndarray
+    hess: np.ndarray
+
+    @property
+    def importance(self) -> np.ndarray:  # predicted loss increase when removing one edge
+        return -self.grad + 0.5 * np.diag(self.hess)
+
+    def predict(self, masks: np.ndarray) -> np.ndarray:
+        d = _as_masks(masks, len(self.grad)) - 1
+        return self.base + d @ self.grad + 0.5 * np.einsum("mi,ij,mj->m", d, self.hess, d)
+
+
+@dataclass
+class ConnectivityPredictor(Predictor):
+    """1 if no input->output path survives, else 0 (the parameter-free rule of the re-analysis)."""
+    name: str
+    graph: ComputationGraph
+
+    @property
+    def importance(self) -> np.ndarray:  # bridges: edges whose removal alone disconnects the network
+        e = self.graph.num_prunable
+        return (~self.graph.connected(1 - np.eye(e))).astype(float)
+
+    def predict(self, masks: np.ndarray) -> np.ndarray:
+        return (~self.graph.connected(_as_masks(masks, self.graph.num_prunable) > 0.5)).astype(float)
+
+
+# ----------------------------------------------------------------------------------------------------
+# gate-space derivatives
+
+def gate_derivatives(gated: GatedModel, data: Subset, task: Task, hessian: bool = True,
+                     batch_size: int = 512) -> tuple[float, np.ndarray, np.ndarray | None]:
+    """S(1), the exact gradient g = dS/dm and (optionally) Hessian H = d2S/dm2 at m = 1, on ``data``.
+
+    H costs |E| Hessian-vector products per batch (batched with vmap when the model allows it).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    e = gated.num_edges
+    s1, grad = 0.0, torch.zeros(e, dtype=torch.float64)
+    hess = torch.zeros(e, e, dtype=torch.float64) if hessian else None
+    n = len(data)
+    was_training = gated.training
+    gated.eval()
+    try:
+        for b0 in range(0, n, batch_size):
+            x, y = data.inputs[b0:b0 + batch_size], data.targets[b0:b0 + batch_size]
+            gates = torch.ones(e, requires_grad=True)
+            with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+                loss = task.per_sample(gated(x, mask=gates), y)[0].sum() / n
+                (g,) = torch.autograd.grad(loss, gates, create_graph=hessian)
+                if hessian:
+                    hess += _hessian_rows(g, gates).double()
+            s1 += float(loss)
+            grad += g.detach().double()
+    finally:
+        gated.train(was_training)
+    if hess is not None:
+        hess = 0.5 * (hess + hess.T)
+        return s1, grad.numpy(), hess.numpy()
+    return s1, grad.numpy(), None
+
+
+def _hessian_rows(g: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    e = len(gates)
+    eye = torch.eye(e)
+    try:
+        (rows,) = torch.autograd.grad(g, gates, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
+        return rows
+    except RuntimeError:  # some ops have no batching rule: one Hessian-vector product at a time
+        return torch.stack([torch.autograd.grad(g, gates, v, retain_graph=True)[0] for v in eye])
+
+
+# ----------------------------------------------------------------------------------------------------
+# edge magnitudes
+
+@torch.no_grad()
+def edge_activation_l1(ctx: Context) -> np.ndarray:
+    """Mean absolute value of each prunable edge's tensor over the scoring subset (summed over links)."""
+    graph = ctx.graph
+    wanted = {p for e in graph.prunable for p, _ in e.links}
+    sums = {p: 0.0 for p in wanted}
+    weight = 0
+
+    class _Rec(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if n.name in wanted and isinstance(out, torch.Tensor):
+                sums[n.name] += float(out.detach().abs().double().mean()) * weight
+            return out
+
+    rec = _Rec(graph.module)
+    for b0 in range(0, len(ctx.scoring), ctx.batch_size):
+        x = ctx.scoring.inputs[b0:b0 + ctx.batch_size]
+        weight = len(x)
+        rec.run(x)
+    n = len(ctx.scoring)
+    return np.array([sum(sums[p] for p in {p for p, _ in e.links}) / n for e in graph.prunable])
+
+
+def exclusive_param_l1(ctx: Context) -> np.ndarray:
+    """L1 norm of the parameters that disappear when the edge alone is removed (they only feed it)."""
+    def l1(module: torch.nn.Module) -> float:
+        return float(sum(p.detach().abs().sum() for p in module.parameters()))
+    full = l1(ctx.graph.module)
+    return np.array([full - l1(prune(ctx.graph, ctx.graph.mask_from_removed([i])))
+                     for i in range(ctx.num_edges)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# registry
+
+SCORERS: dict[str, Callable[[Context], Predictor]] = {}
+
+
+def register_scorer(name: str) -> Callable:
+    def deco(fn: Callable[[Context], Predictor]) -> Callable[[Context], Predictor]:
+        SCORERS[name] = fn
+        return fn
+    return deco
+
+
+@register_scorer("random")
+def _random(ctx: Context) -> Predictor:
+    rng = np.random.default_rng(ctx.seed)
+    return AdditivePredictor("random", rng.random(ctx.num_edges))
+
+
+@register_scorer("magnitude")
+def _magnitude(ctx: Context) -> Predictor:
+    return AdditivePredictor("magnitude", edge_activation_l1(ctx))
+
+
+@register_scorer("param_l1")
+def _param_l1(ctx: Context) -> Predictor:
+    return AdditivePredictor("param_l1", exclusive_param_l1(ctx))
+
+
+@register_scorer("taylor1")
+def _taylor1(ctx: Context) -> Predictor:
+    # removing edge i moves its gate from 1 to 0: first-order loss change -g_i
+    s1, g, _ = ctx.derivatives(hessian=False)
+    return AdditivePredictor("taylor1", -g, base=s1)
+
+
+@register_scorer("taylor1_abs")
+def _taylor1_abs(ctx: Context) -> Predictor:
+    # |g_i|: the first-order criterion of Molchanov et al. (2019), importance regardless of sign
+    _, g, _ = ctx.derivatives(hessian=False)
+    return AdditivePredictor("taylor1_abs", np.abs(g))
+
+
+@register_scorer("taylor2")
+def _taylor2(ctx: Context) -> Predictor:
+    s1, g, h = ctx.derivatives(hessian=True)
+    return QuadraticPredictor("taylor2", s1, g, h)
+
+
+@register_scorer("connectivity")
+def _connectivity(ctx: Context) -> Predictor:
+    return ConnectivityPredictor("connectivity", ctx.graph)
+
+
+@register_scorer("loo")
+def _loo(ctx: Context) -> Predictor:
+    # the leave-one-out oracle: measured loss increase of each single-edge removal, summed
+    s1 = ctx.base_loss()
+    return AdditivePredictor("loo", ctx.single_edge_losses() - s1, base=s1)
+
+
+def score(name: str, ctx: Context) -> Predictor:
+    """Run the scorer registered as ``name`` (see SCORERS)."""
+    if name not in SCORERS:
+        raise KeyError(f"unknown scorer {name!r}; choose one of {sorted(SCORERS)}")
+    return SCORERS[name](ctx)

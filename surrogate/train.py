@@ -1,0 +1,195 @@
+"""Training with early stopping on validation loss, seeding, and a checkpoint cache keyed by config."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .evaluate import Subset, Task
+
+__all__ = ["set_seed", "TrainConfig", "TrainResult", "train", "config_hash", "cached_model",
+           "default_cache_dir", "finetune"]
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (CPU) at once."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100                   # upper bound; early stopping usually ends sooner
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.9               # sgd only
+    schedule: Literal["cosine", "constant"] = "cosine"
+    patience: int | None = 10           # epochs without val-loss improvement before stopping; None: never
+    label_smoothing: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module                    # weights of the epoch with the lowest validation loss
+    history: list[dict[str, float]]     # per epoch: train_loss, val_loss, val_acc
+    best_epoch: int
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[torch.Tensor]:
+    idx = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+    return list(idx.split(batch_size))
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, data: Subset, task: Task, batch_size: int = 1024) -> tuple[float, float]:
+    model.eval()
+    loss_sum, acc_sum = 0.0, 0.0
+    for b in _batches(len(data), batch_size, None):
+        out = model(data.inputs[b])
+        loss, acc = task.per_sample(out, data.targets[b])
+        loss_sum += float(loss.double().sum())
+        acc_sum += float(acc.double().sum()) if acc is not None else float("nan")
+    return loss_sum / len(data), acc_sum / len(data)
+
+
+def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, config: TrainConfig,
+          augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+    """Minimise the task loss; keep the weights with the lowest validation loss (early stopping)."""
+    set_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                              nesterov=True)
+    steps = config.epochs * ((len(train_data) + config.batch_size - 1) // config.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, (lambda s: 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))) if config.schedule == "cosine"
+        else (lambda s: 1.0))
+    best = (float("inf"), -1, copy.deepcopy(model.state_dict()))
+    history: list[dict[str, float]] = []
+    for epoch in range(config.epochs):
+        model.train()
+        total, count = 0.0, 0
+        for b in _batches(len(train_data), config.batch_size, gen):
+            x, y = train_data.inputs[b], train_data.targets[b]
+            if augment is not None:
+                x = augment(x, gen)
+            out = model(x)
+            if task.kind == "classification" and config.label_smoothing:
+                loss = nn.functional.cross_entropy(out, y, label_smoothing=config.label_smoothing)
+            else:
+                loss = task.per_sample(out, y)[0].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(b)
+            count += len(b)
+        val_loss, val_acc = _evaluate(model, val_data, task)
+        history.append({"epoch": epoch, "train_loss": total / count, "val_loss": val_loss, "val_acc": val_acc})
+        if log is not None:
+            log(f"epoch {epoch:3d} train {total / count:.4f} val {val_loss:.4f} acc {val_acc:.4f}")
+        if val_loss < best[0]:
+            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
+        elif config.patience is not None and epoch - best[1] >= config.patience:
+            break
+    model.load_state_dict(best[2])
+    model.eval()
+    return TrainResult(model, history, best[1])
+
+
+def finetune(model: nn.Module, train_data: Subset, task: Task, steps: int, lr: float = 1e-3,
+             batch_size: int = 128, seed: int = 0) -> nn.Module:
+    """A fixed number of AdamW steps on a (pruned) model: the draft's second scenario."""
+    set_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model.train()
+    done = 0
+    while done < steps:
+        for b in _batches(len(train_data), batch_size, gen):
+            loss = task.per_sample(model(train_data.inputs[b]), train_data.targets[b])[0].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+            if done >= steps:
+                break
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoint cache
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SURROGATE_CACHE_DIR", Path(__file__).resolve().parents[1] / "cache"))
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"__class__": type(obj).__name__, **{k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(obj.items())}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    raise TypeError(f"cannot hash {type(obj).__name__} into a cache key; use dataclasses, dicts and literals")
+
+
+def config_hash(*configs: Any) -> str:
+    """A stable short hash of frozen-dataclass / dict configs (the cache key)."""
+    text = json.dumps(_jsonable(list(configs)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_model(key: tuple, build: Callable[[], nn.Module], fit: Callable[[nn.Module], Any],
+                 cache_dir: str | os.PathLike | None = None, kind: str = "model") -> tuple[nn.Module, dict]:
+    """Return ``build()`` with weights trained by ``fit`` -- or loaded from ``<cache>/<kind>/<hash>.pt``.
+
+    ``key`` holds every config that determines the weights. ``fit`` may return a dict of metadata (saved
+    with the weights). A checkpoint that cannot be read is reported, deleted and retrained.
+    """
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = folder / kind / f"{config_hash(*key)}.pt"
+    model = build()
+    if path.exists():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(blob["state_dict"])
+            model.eval()
+            return model, blob.get("meta", {})
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is rebuilt
+            warnings.warn(f"cached checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
+                          "deleting it and training again")
+            path.unlink(missing_ok=True)
+            model = build()
+    meta = fit(model) or {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    try:
+        torch.save({"state_dict": model.state_dict(), "meta": _jsonable(meta), "key": _jsonable(list(key))}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    model.eval()
+    return model, meta
