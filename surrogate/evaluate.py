@@ -27,16 +27,17 @@ class Task:
 
     def per_sample(self, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(loss (B,), correct-fraction (B,) or None) for outputs of one mask."""
+        out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out  # keep float64 exact
         if self.kind == "classification":
-            loss = F.cross_entropy(out.float(), target, reduction="none")
+            loss = F.cross_entropy(out, target, reduction="none")
             return loss, (out.argmax(-1) == target).float()
         if self.kind == "lm":
-            logits, labels = out[:, :-1].float(), target[:, 1:]
+            logits, labels = out[:, :-1], target[:, 1:]
             tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
             correct = (logits.argmax(-1) == labels).float().mean(1)
             return tok.view(labels.shape).mean(1), correct
         if self.kind == "regression":
-            return (out.float() - target.float()).pow(2).flatten(1).sum(1), None
+            return (out - target.to(out.dtype)).pow(2).flatten(1).sum(1), None
         raise ValueError(f"unknown task kind {self.kind!r}; use 'classification', 'lm' or 'regression'")
 
     def targets_of(self, inputs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

@@ -193,11 +193,28 @@ def prune(graph: ComputationGraph, mask: Any) -> fx.GraphModule:
                 const = g.call_function(_zeros, (ref, shape, ref_shape, dtype, 1.0 if one else 0.0))
             consumer.replace_input_with(producer, const)
     pruned = fx.GraphModule(graph.module, g)
-    pruned.graph.eliminate_dead_code()
+    pruned.graph.eliminate_dead_code(is_impure_node=_has_side_effect)
     pruned.graph.lint()
     pruned.recompile()
     pruned.delete_all_unused_submodules()
     return copy.deepcopy(pruned)
+
+
+def _has_side_effect(node: fx.Node) -> bool:
+    """What dead-code elimination must keep. Unlike fx's default, random ops (dropout) are removable: an
+    unused result has no effect, and traced graphs are used in eval mode where dropout is the identity."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "call_module":
+        return node.target == "_guards_fn" or node.is_impure()
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).startswith("_")  # in-place
+    if node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None:
+            return schema.is_mutable
+        return node.target in (operator.setitem, torch._assert) or node.is_impure(impure_random=False)
+    return False
 
 
 def _keep(x: torch.Tensor) -> torch.Tensor:

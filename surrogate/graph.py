@@ -219,12 +219,14 @@ class ComputationGraph:
             raise ValueError(f"masks have {m.shape[1]} entries, the graph has {self.num_prunable} "
                              "prunable edges")
         gate = {e.name: i for i, e in enumerate(self.prunable)}
+        into: dict[str, list[Edge]] = {}
+        for e in self.edges:
+            into.setdefault(e.dst, []).append(e)
         reach = {v.name: np.full(len(m), v.kind == "input") for v in self.vertices}
         for v in self.vertices:  # topological order: reach(v) = OR over in-edges reach(u) AND kept(e)
-            for e in self.edges:
-                if e.dst == v.name:
-                    kept = m[:, gate[e.name]] if e.name in gate else True
-                    reach[v.name] = reach[v.name] | (reach[e.src] & kept)
+            for e in into.get(v.name, ()):
+                kept = m[:, gate[e.name]] if e.name in gate else True
+                reach[v.name] = reach[v.name] | (reach[e.src] & kept)
         out = reach[self.output_vertex]
         return out[0] if single else out
 

@@ -19,7 +19,7 @@ from .gating import GatedModel, prune
 from .graph import ComputationGraph
 from .masks import prior_design
 
-__all__ = ["Context", "Predictor", "AdditivePredictor", "QuadraticPredictor", "ConnectivityPredictor",
+__all__ = ["Context", "Predictor", "AdditivePredictor", "QuadraticPredictor", "ConnectivityPredictor", "FlowPredictor",
            "gate_derivatives", "SCORERS", "score", "register_scorer"]
 
 
@@ -57,6 +57,13 @@ class Context:
             self.memo["loo"] = known if known is not None else evaluate_masks(
                 self.gated, singles, self.scoring, self.task, batch_size=self.batch_size).loss
         return self.memo["loo"]
+
+    def shares(self) -> np.ndarray:
+        """Measured merge shares of every vertex-graph edge (one pass over the scoring subset)."""
+        if "shares" not in self.memo:
+            from .flow import measure_shares
+            self.memo["shares"] = measure_shares(self.graph, self.scoring.inputs, self.batch_size)
+        return self.memo["shares"]
 
     def derivatives(self, hessian: bool) -> tuple[float, np.ndarray, np.ndarray | None]:
         key = "dH" if hessian else "d"
@@ -139,6 +146,28 @@ class ConnectivityPredictor(Predictor):
         return (~self.graph.connected(_as_masks(masks, self.graph.num_prunable) > 0.5)).astype(float)
 
 
+@dataclass
+class FlowPredictor(Predictor):
+    """1 - F_output(m): the fraction of the measured information flow that no longer reaches the output."""
+    name: str
+    graph: ComputationGraph
+    shares: np.ndarray
+
+    def __post_init__(self) -> None:
+        from .flow import FlowStructure
+        self.structure = FlowStructure.from_graph(self.graph, weights=self.shares)
+
+    def predict(self, masks: np.ndarray) -> np.ndarray:
+        m = torch.tensor(_as_masks(masks, self.graph.num_prunable), dtype=torch.float32)
+        with torch.no_grad():
+            return 1.0 - self.structure.flow(m).double().numpy()
+
+    @property
+    def importance(self) -> np.ndarray:
+        e = self.graph.num_prunable
+        return self.predict(1 - np.eye(e))
+
+
 # ----------------------------------------------------------------------------------------------------
 # gate-space derivatives
 
@@ -158,13 +187,13 @@ def gate_derivatives(gated: GatedModel, data: Subset, task: Task, hessian: bool 
     try:
         for b0 in range(0, n, batch_size):
             x, y = data.inputs[b0:b0 + batch_size], data.targets[b0:b0 + batch_size]
-            gates = torch.ones(e, requires_grad=True)
+            gates = torch.ones(e, dtype=torch.float64, requires_grad=True)  # no rounding of g and H
             with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
                 loss = task.per_sample(gated(x, mask=gates), y)[0].sum() / n
                 (g,) = torch.autograd.grad(loss, gates, create_graph=hessian)
                 if hessian:
                     hess += _hessian_rows(g, gates).double()
-            s1 += float(loss)
+            s1 += float(loss.detach())
             grad += g.detach().double()
     finally:
         gated.train(was_training)
@@ -272,6 +301,12 @@ def _taylor2(ctx: Context) -> Predictor:
 @register_scorer("connectivity")
 def _connectivity(ctx: Context) -> Predictor:
     return ConnectivityPredictor("connectivity", ctx.graph)
+
+
+@register_scorer("flow")
+def _flow(ctx: Context) -> Predictor:
+    # zero-shot: merge shares measured in one pass, propagated through the graph (surrogate.flow)
+    return FlowPredictor("flow", ctx.graph, ctx.shares())
 
 
 @register_scorer("loo")

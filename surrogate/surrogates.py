@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .flow import FlowStructure
 from .graph import ComputationGraph
 from .scorers import Context, Predictor, _as_masks
 
-__all__ = ["Surrogate", "FlowStructure", "LinearSurrogate", "MLPSurrogate", "PriorGraphSurrogate",
+__all__ = ["Surrogate", "LinearSurrogate", "MLPSurrogate", "PriorGraphSurrogate",
            "GraphFlowSurrogate", "SURROGATES", "make_surrogate", "register_surrogate"]
 
 
@@ -111,86 +112,6 @@ class MLPSurrogate(Surrogate):
 
 
 # ----------------------------------------------------------------------------------------------------
-# flow structure shared by the graph surrogates
-
-@dataclass(frozen=True)
-class FlowStructure:
-    """The vertex graph reduced for flow computations: chains of always-kept edges are contracted
-    (exact for flow models: a kept out-degree-1 edge passes its flow on unchanged)."""
-    num_vertices: int
-    src: torch.Tensor        # (F,) source vertex of each flow edge
-    dst: torch.Tensor        # (F,) destination vertex
-    gate: torch.Tensor       # (F,) prunable-edge index, or -1 for an edge that is always kept
-    levels: tuple[torch.Tensor, ...]  # flow-edge indices grouped by the depth of their destination
-    inputs: tuple[int, ...]
-    output: int
-
-    @staticmethod
-    def from_graph(graph: ComputationGraph, contract: bool = True) -> "FlowStructure":
-        names = [v.name for v in graph.vertices]
-        gate_of = {e.name: i for i, e in enumerate(graph.prunable)}
-        edges = [[e.src, e.dst, gate_of.get(e.name, -1)] for e in graph.edges]
-        keep = set(graph.input_vertices) | {graph.output_vertex}
-        if contract:
-            changed = True
-            while changed:
-                changed = False
-                for s, d, g in list(edges):
-                    if g != -1 or s in keep:
-                        continue
-                    outs = [x for x in edges if x[0] == s]
-                    if len(outs) == 1:  # s only feeds d through an always-kept edge: merge s into d
-                        edges.remove([s, d, g])
-                        for x in edges:
-                            if x[1] == s:
-                                x[1] = d
-                        changed = True
-                        break
-        alive = sorted({x for s, d, _ in edges for x in (s, d)} | keep, key=names.index)
-        idx = {n: i for i, n in enumerate(alive)}
-        depth = {n: 0 for n in alive}
-        for n in alive:  # alive is in topological order
-            for s, d, _ in edges:
-                if d == n:
-                    depth[n] = max(depth[n], depth[s] + 1)
-        order = sorted(range(len(edges)), key=lambda i: depth[edges[i][1]])
-        edges = [edges[i] for i in order]
-        levels: dict[int, list[int]] = {}
-        for i, (_, d, _) in enumerate(edges):
-            levels.setdefault(depth[d], []).append(i)
-        return FlowStructure(
-            len(alive), torch.tensor([idx[s] for s, _, _ in edges]), torch.tensor([idx[d] for _, d, _ in edges]),
-            torch.tensor([g for _, _, g in edges]), tuple(torch.tensor(levels[k]) for k in sorted(levels)),
-            tuple(idx[n] for n in graph.input_vertices), idx[graph.output_vertex])
-
-    def edge_mask(self, masks: torch.Tensor) -> torch.Tensor:
-        """(M, E) prunable-edge masks -> (M, F) flow-edge masks (always-kept edges get 1)."""
-        ones = torch.ones(masks.shape[0], 1, dtype=masks.dtype)
-        return torch.cat([masks, ones], 1)[:, torch.where(self.gate >= 0, self.gate, masks.shape[1])]
-
-    def propagate(self, masks: torch.Tensor, weight: torch.Tensor, source: torch.Tensor,
-                  transfer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """Vertex states (M, V, d): state(v) = transfer(sum over in-edges f of mask_f * weight_f * state(src_f), v).
-
-        weight: (F, d) per-edge weights; source: (V, d) the state of input vertices (rows of other
-        vertices are ignored); transfer: applied to the summed inflow of each level's vertices (identity
-        if None). Vertices with no kept in-edge receive a zero inflow."""
-        m = self.edge_mask(masks)
-        mdim, d = masks.shape[0], weight.shape[1]
-        state = torch.zeros(mdim, self.num_vertices, d, dtype=weight.dtype)
-        inputs = torch.tensor(self.inputs)
-        state = state.index_copy(1, inputs, source[inputs].unsqueeze(0).expand(mdim, -1, -1))
-        for lvl in self.levels:
-            contrib = m[:, lvl, None] * weight[lvl] * state[:, self.src[lvl]]        # (M, |lvl|, d)
-            targets = torch.unique(self.dst[lvl])
-            inflow = torch.zeros(mdim, self.num_vertices, d, dtype=weight.dtype).index_add(1, self.dst[lvl], contrib)
-            inflow = inflow[:, targets]
-            new = transfer(inflow, targets) if transfer is not None else inflow
-            state = state.index_copy(1, targets, new)
-        return state
-
-
-# ----------------------------------------------------------------------------------------------------
 # the prior graph surrogate, as published
 
 class PriorGraphSurrogate(Surrogate):
@@ -214,9 +135,7 @@ class PriorGraphSurrogate(Surrogate):
         return ex / torch.zeros(self.flow.num_vertices).index_add(0, src, ex)[src]
 
     def _g(self, masks: torch.Tensor) -> torch.Tensor:
-        source = torch.ones(self.flow.num_vertices, 1)
-        state = self.flow.propagate(masks, self._gamma()[:, None], source)
-        return state[:, self.flow.output, 0]
+        return self.flow.flow(masks, self._gamma())
 
     def fit(self, masks: np.ndarray, losses: np.ndarray) -> "PriorGraphSurrogate":
         m, y = _check_fit(masks, losses, self.num_edges)
@@ -244,63 +163,87 @@ class PriorGraphSurrogate(Surrogate):
 # this project's graph surrogate
 
 class GraphFlowSurrogate(Surrogate):
-    """A small "shadow network" with the computation graph's topology.
+    """This project's graph surrogate: measured information flow, corrected and read out by fitting.
 
-    Every vertex v carries a d-dimensional state: z_v = softplus(k_v * sum_in m_e * w_e * z_u + c_v), where
-    w_e >= 0 are per-edge channel weights, and k_v, c_v per-vertex transfer parameters. The bias c_v keeps
-    flowing when a vertex's inputs are cut -- as a real layer's bias does -- so disconnected networks get
-    their own (learned) outputs. The loss is read out from the output state by a small MLP, together with
-    an exact disconnection indicator: the direction from flow to loss is learned, not assumed.
+    Backbone: the flow F_output(m) of ``surrogate.flow`` with the merge shares measured in one pass over the
+    scoring subset (the zero-shot "flow" scorer). Fitting on the K measured masks learns a readout from
+    (F_output, disconnected) to the loss -- so the direction and shape of the map from flow to loss are
+    learned, and disconnected networks get their own level -- and, given enough masks:
+    - one log-multiplier per flow edge, shrunk towards 0 (i.e. towards the measured shares);
+    - a "constant" channel: every vertex emits a learned constant that keeps flowing when the vertex's
+      inputs are cut, as a layer's bias does, so networks without an input->output path can be told apart.
+
+    Capacity grows with the data (chosen on validation masks of development graphs): with at most 20 masks
+    beyond the |E|+2 of the prior design, the readout is affine and the shares stay as measured; the constant
+    channel is used once at least 20 fitting masks are disconnected.
     """
     name = "graph_flow"
 
-    def __init__(self, ctx: Context, channels: int = 4, hidden: int = 16, steps: int = 1500, lr: float = 0.02,
-                 weight_decay: float = 1e-3, seed: int | None = None):
+    def __init__(self, ctx: Context, hidden: int = 16, steps: int = 600, lr: float = 0.03, shrink: float = 1e-2,
+                 learn_shares: bool | str = "auto", readout: str = "auto", bias_channel: bool | str = "auto",
+                 seed: int | None = None):
         self.ctx, self.num_edges = ctx, ctx.num_edges
-        self.d, self.hidden, self.steps, self.lr, self.wd = channels, hidden, steps, lr, weight_decay
-        self.flow = FlowStructure.from_graph(ctx.graph)
+        self.hidden, self.steps, self.lr, self.shrink = hidden, steps, lr, shrink
+        self.options = {"learn_shares": learn_shares, "readout": readout, "bias_channel": bias_channel}
         self.seed = ctx.seed if seed is None else seed
 
-    def _features(self, masks: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        w = F.softplus(p["w"])
-        source = F.softplus(p["c"])  # input vertices emit softplus(c)
+    def _configure(self, num_masks: int, num_disconnected: int) -> None:
+        rich = num_masks - (self.num_edges + 2) > 20
+        o = self.options
+        self.learn_shares = rich if o["learn_shares"] == "auto" else bool(o["learn_shares"])
+        self.readout_kind = ("mlp" if rich else "linear") if o["readout"] == "auto" else o["readout"]
+        self.bias_channel = num_disconnected >= 20 if o["bias_channel"] == "auto" else bool(o["bias_channel"])
 
-        def transfer(inflow: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return F.softplus(p["k"][targets] * inflow + p["c"][targets])
+    def _disconnected(self, masks: torch.Tensor) -> torch.Tensor:
+        return torch.tensor((~self.ctx.graph.connected(masks.numpy() > 0.5)).astype(np.float32))
 
-        state = self.flow.propagate(masks, w, source, transfer)
-        out = state[:, self.flow.output]
-        disc = torch.tensor((~self.ctx.graph.connected(masks.numpy() > 0.5)).astype(np.float32))[:, None]
-        return torch.cat([torch.log(out + 1e-6), disc], 1)
+    def _features(self, masks: torch.Tensor, disc: torch.Tensor) -> torch.Tensor:
+        w = self.flow.base * torch.exp(self.delta) if self.learn_shares else self.flow.base
+        f = self.flow.flow(masks, w)
+        feats = [f, disc]
+        if self.bias_channel:
+            # constant flow: every vertex emits softplus(beta_v) whatever reaches it, and passes on
+            # what it receives; it survives disconnection, as real biases do
+            beta = F.softplus(self.beta)[:, None]
+            b = self.flow.propagate(masks, F.softplus(self.omega)[:, None], beta,
+                                    lambda inflow, t: inflow + beta[t])[:, self.flow.output, 0]
+            feats.append(torch.log(b + 1e-6))
+        return torch.stack(feats, 1)
 
-    def _forward(self, masks: torch.Tensor) -> torch.Tensor:
-        return self.readout(self._features(masks)).squeeze(-1)
+    def _forward(self, masks: torch.Tensor, disc: torch.Tensor) -> torch.Tensor:
+        return self.readout(self._features(masks, disc)).squeeze(-1)
 
     def fit(self, masks: np.ndarray, losses: np.ndarray) -> "GraphFlowSurrogate":
         m, y = _check_fit(masks, losses, self.num_edges)
+        x = torch.tensor(m, dtype=torch.float32)
+        disc = self._disconnected(x)
+        self._configure(len(m), int(disc.sum()))
+        self.flow = FlowStructure.from_graph(self.ctx.graph, weights=self.ctx.shares())
         self.mu, self.sd = _standardise(y)
         torch.manual_seed(self.seed)
-        nf, nv, d = len(self.flow.src), self.flow.num_vertices, self.d
-        self.params = {"w": torch.randn(nf, d).mul_(0.1).requires_grad_(),
-                       "k": torch.ones(nv, d).add_(torch.randn(nv, d).mul_(0.1)).requires_grad_(),
-                       "c": torch.randn(nv, d).mul_(0.1).requires_grad_()}
-        self.readout = nn.Sequential(nn.Linear(d + 1, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1))
-        x = torch.tensor(m, dtype=torch.float32)
+        self.delta = torch.zeros(len(self.flow.src), requires_grad=True)
+        nin = 3 if self.bias_channel else 2
+        self.beta = torch.full((self.flow.num_vertices,), -2.0).add_(torch.randn(self.flow.num_vertices) * 0.1).requires_grad_()
+        self.omega = torch.zeros(len(self.flow.src)).requires_grad_()
+        self.readout = (nn.Sequential(nn.Linear(nin, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1))
+                        if self.readout_kind == "mlp" else nn.Linear(nin, 1))
         t = torch.tensor((y - self.mu) / self.sd, dtype=torch.float32)
-        opt = torch.optim.Adam([*self.params.values(), *self.readout.parameters()], lr=self.lr)
+        params = [*self.readout.parameters()] + ([self.delta] if self.learn_shares else []) \
+            + ([self.beta, self.omega] if self.bias_channel else [])
+        opt = torch.optim.Adam(params, lr=self.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps)
         for _ in range(self.steps):
-            reg = sum(v.pow(2).sum() for v in self.params.values()) * self.wd / len(x)
-            loss = F.mse_loss(self._forward(x), t) + reg
+            loss = F.mse_loss(self._forward(x, disc), t) + self.shrink * self.delta.pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
         return self
 
     @torch.no_grad()
     def predict(self, masks: np.ndarray) -> np.ndarray:
         x = torch.tensor(_as_masks(masks, self.num_edges), dtype=torch.float32)
-        return self._forward(x).double().numpy() * self.sd + self.mu
+        return self._forward(x, self._disconnected(x)).double().numpy() * self.sd + self.mu
 
 
 # ----------------------------------------------------------------------------------------------------

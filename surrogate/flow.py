@@ -1,0 +1,190 @@
+"""Information flow through the computation graph, measured in one forward pass.
+
+At a merge vertex v the inputs x_e (e into v) combine into y. The *share* of input e is the part of y it
+carries: c_e = <x_e, y> / <y, y> for a sum (the shares sum to 1), c_e = <x_e, x_e> / <y, y> for a
+concatenation, 1/k for other k-input combinations (products, attention), and 1 for a vertex with one input.
+With the flow of the inputs set to 1, the flow of a pruned network is
+
+    F_v(m) = sum over in-edges e = (u, v) of  m_e * c_e * F_u(m),
+
+an estimate of the fraction of the original signal that still reaches v through kept paths: for a single
+sum of linear branches it is exactly the projection <y(m), y> / <y, y>; across nested merges and nonlinear
+layers the shares are composed multiplicatively, which is the model's approximation. F_output(m) = 0
+exactly when no input->output path survives. The shares are averaged over a data subset (no mask is
+evaluated), which makes F a zero-shot importance model. (A ``stack`` is treated like a concatenation.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .graph import ComputationGraph, _canonical_op
+
+__all__ = ["FlowStructure", "measure_shares"]
+
+
+@dataclass(frozen=True)
+class FlowStructure:
+    """The vertex graph prepared for flow computations. Chains of always-kept edges are contracted: an
+    always-kept edge s -> d out of a vertex s with no other out-edge is removed and s's in-edges are
+    attached to d, their multipliers multiplied by its own (exact for the linear flow above)."""
+    num_vertices: int
+    src: torch.Tensor        # (F,) source vertex of each flow edge
+    dst: torch.Tensor        # (F,) destination vertex
+    gate: torch.Tensor       # (F,) prunable-edge index, or -1 for an edge that is always kept
+    base: torch.Tensor       # (F,) fixed multiplier (product of the weights of contracted edges)
+    levels: tuple[torch.Tensor, ...]  # flow-edge indices grouped by the depth of their destination
+    inputs: tuple[int, ...]
+    output: int
+    edge_of: tuple[int, ...]  # for each flow edge, the index in graph.edges it descends from
+
+    @staticmethod
+    def from_graph(graph: ComputationGraph, weights: np.ndarray | None = None,
+                   contract: bool = True) -> "FlowStructure":
+        """weights: one multiplier per edge of ``graph.edges`` (default 1)."""
+        names = [v.name for v in graph.vertices]
+        gate_of = {e.name: i for i, e in enumerate(graph.prunable)}
+        w = np.ones(len(graph.edges)) if weights is None else np.asarray(weights, dtype=np.float64)
+        # [src, dst, gate, multiplier, original edge index]
+        edges = [[e.src, e.dst, gate_of.get(e.name, -1), float(w[i]), i] for i, e in enumerate(graph.edges)]
+        keep = set(graph.input_vertices) | {graph.output_vertex}
+        if contract:
+            out_deg: dict[str, int] = {}
+            for s, *_ in edges:
+                out_deg[s] = out_deg.get(s, 0) + 1
+            changed = True
+            while changed:
+                changed = False
+                for edge in edges:
+                    s, d, g, k, _ = edge
+                    if g != -1 or s in keep or out_deg.get(s, 0) != 1:
+                        continue
+                    edges.remove(edge)  # s only feeds d, through an always-kept edge: merge s into d
+                    out_deg[s] = 0
+                    for x in edges:
+                        if x[1] == s:
+                            x[1], x[3] = d, x[3] * k
+                    changed = True
+                    break
+        alive = sorted({x for s, d, *_ in edges for x in (s, d)} | keep, key=names.index)
+        idx = {n: i for i, n in enumerate(alive)}
+        depth = {n: 0 for n in alive}
+        for n in alive:  # alive is in topological order
+            for s, d, *_ in edges:
+                if d == n:
+                    depth[n] = max(depth[n], depth[s] + 1)
+        edges.sort(key=lambda x: depth[x[1]])
+        levels: dict[int, list[int]] = {}
+        for i, x in enumerate(edges):
+            levels.setdefault(depth[x[1]], []).append(i)
+        return FlowStructure(
+            len(alive), torch.tensor([idx[x[0]] for x in edges]), torch.tensor([idx[x[1]] for x in edges]),
+            torch.tensor([x[2] for x in edges]), torch.tensor([x[3] for x in edges], dtype=torch.float32),
+            tuple(torch.tensor(levels[k]) for k in sorted(levels)),
+            tuple(idx[n] for n in graph.input_vertices), idx[graph.output_vertex], tuple(x[4] for x in edges))
+
+    def edge_mask(self, masks: torch.Tensor) -> torch.Tensor:
+        """(M, E) prunable-edge masks -> (M, F) flow-edge masks (always-kept edges get 1)."""
+        ones = torch.ones(masks.shape[0], 1, dtype=masks.dtype)
+        return torch.cat([masks, ones], 1)[:, torch.where(self.gate >= 0, self.gate, masks.shape[1])]
+
+    def propagate(self, masks: torch.Tensor, weight: torch.Tensor, source: torch.Tensor,
+                  transfer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Vertex states (M, V, d): state(v) = transfer(sum over in-edges f of mask_f * weight_f * state(src_f)).
+
+        weight: (F, d) per-flow-edge weights (``base`` is NOT applied here: multiply it in if wanted);
+        source: (V, d) states of the input vertices (other rows ignored); transfer: applied to the summed
+        inflow of each level's vertices (identity if None)."""
+        m = self.edge_mask(masks)
+        mdim, d = masks.shape[0], weight.shape[1]
+        state = torch.zeros(mdim, self.num_vertices, d, dtype=weight.dtype)
+        inputs = torch.tensor(self.inputs)
+        state = state.index_copy(1, inputs, source[inputs].unsqueeze(0).expand(mdim, -1, -1))
+        for lvl in self.levels:
+            contrib = m[:, lvl, None] * weight[lvl] * state[:, self.src[lvl]]        # (M, |lvl|, d)
+            targets = torch.unique(self.dst[lvl])
+            inflow = torch.zeros(mdim, self.num_vertices, d, dtype=weight.dtype).index_add(1, self.dst[lvl], contrib)
+            inflow = inflow[:, targets]
+            new = transfer(inflow, targets) if transfer is not None else inflow
+            state = state.index_copy(1, targets, new)
+        return state
+
+    def linear(self, masks: torch.Tensor, weight: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """All vertex states of the linear flow h = source + A(m) h, A[v, u] = sum of mask_f * weight_f over
+        flow edges u -> v (every vertex may emit a source term): one batched triangular solve, vertices
+        being in topological order. (M, V). (For sources at the inputs only, ``propagate`` is faster.)"""
+        m = self.edge_mask(masks.to(weight.dtype))
+        v = self.num_vertices
+        a = torch.zeros(m.shape[0], v * v, dtype=weight.dtype).index_add(1, self.dst * v + self.src, m * weight)
+        eye = torch.eye(v, dtype=weight.dtype)
+        rhs = source.to(weight.dtype).expand(m.shape[0], v).unsqueeze(-1)
+        return torch.linalg.solve_triangular(eye - a.view(-1, v, v), rhs, upper=False).squeeze(-1)
+
+    def flow(self, masks: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """F_output(m) for (M, E) masks with per-flow-edge weights (default: ``base``); inputs emit 1."""
+        w = self.base if weight is None else weight
+        source = torch.ones(self.num_vertices, 1, dtype=w.dtype)
+        return self.propagate(masks.to(w.dtype), w[:, None], source)[:, self.output, 0]
+
+
+_SUM = {"add", "sub", "_keep"}
+_CAT = {"cat", "concat", "concatenate", "stack"}
+
+
+@torch.no_grad()
+def measure_shares(graph: ComputationGraph, inputs: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    """The share c_e of every edge of ``graph.edges`` in its destination's combined input (see module doc),
+    averaged over ``inputs`` (one forward pass, no masks)."""
+    by_dst: dict[str, list[int]] = {}
+    for i, e in enumerate(graph.edges):
+        by_dst.setdefault(e.dst, []).append(i)
+    nodes = {n.name: n for n in graph.module.graph.nodes}
+    kinds: dict[str, str] = {}
+    for v, idx in by_dst.items():
+        if len(idx) < 2:
+            kinds[v] = "single"
+            continue
+        ops = {_canonical_op(nodes[c]) for i in idx for _, c in graph.edges[i].links}
+        kinds[v] = "sum" if ops <= _SUM else "cat" if ops <= _CAT else "equal"
+    wanted = {p for v, idx in by_dst.items() if kinds[v] in ("sum", "cat")
+              for i in idx for p, _ in graph.edges[i].links}
+    num = np.zeros(len(graph.edges))
+    den = {v: 0.0 for v in by_dst}
+    acts: dict[str, torch.Tensor] = {}
+
+    class _Rec(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if n.name in wanted and isinstance(out, torch.Tensor):
+                acts[n.name] = out.detach().double()
+            return out
+
+    rec = _Rec(graph.module)
+    for b0 in range(0, len(inputs), batch_size):
+        acts.clear()
+        rec.run(inputs[b0:b0 + batch_size])
+        for v, idx in by_dst.items():
+            if kinds[v] not in ("sum", "cat"):
+                continue
+            xs = [sum(acts[p] for p in dict.fromkeys(p for p, _ in graph.edges[i].links)) for i in idx]
+            if kinds[v] == "sum" and len({x.shape for x in xs}) == 1:
+                y = torch.stack(xs).sum(0)
+                den[v] += float((y * y).sum())
+                for i, x in zip(idx, xs):
+                    num[i] += float((x * y).sum())
+            else:  # concatenation (or a broadcasting sum): energy shares
+                energies = [float((x * x).sum()) for x in xs]
+                den[v] += sum(energies)
+                for i, en in zip(idx, energies):
+                    num[i] += en
+    shares = np.ones(len(graph.edges))
+    for v, idx in by_dst.items():
+        if kinds[v] == "equal":
+            shares[idx] = 1.0 / len(idx)
+        elif kinds[v] in ("sum", "cat"):
+            shares[idx] = num[idx] / den[v] if den[v] > 0 else 1.0 / len(idx)
+    return shares

@@ -1,0 +1,365 @@
+"""Properties of ground truth, scorers, surrogates and pruning on tiny models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from surrogate import GatedModel, build_graph, prune
+from surrogate.evaluate import Subset, Task, evaluate_masks
+from surrogate.masks import (all_masks_with_removed, bernoulli_masks, pair_masks, prior_design,
+                             sparsity_masks)
+from surrogate.models import Block, RandomGraphConfig, RandomGraphNet, resnet20
+from surrogate.profile import count_macs, count_params
+from surrogate.pruning import Budget, CostModel, auto_prune, select_mask
+from surrogate.scorers import (AdditivePredictor, Context, QuadraticPredictor, SCORERS, gate_derivatives,
+                               score)
+from surrogate.flow import FlowStructure
+from surrogate.surrogates import (GraphFlowSurrogate, LinearSurrogate, PriorGraphSurrogate,
+                                  SURROGATES, make_surrogate)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A small random-graph net, briefly trained on the teacher task: graph, gated model, scoring subset."""
+    from surrogate.data import TeacherTaskConfig, make_teacher_task
+    from surrogate.train import TrainConfig, train
+    task = make_teacher_task(TeacherTaskConfig(num_classes=4, n_train=600, n_val=200, n_score=64, n_test=0))
+    torch.manual_seed(0)
+    net = RandomGraphNet(RandomGraphConfig(iterations=3, seed=2, num_classes=4))
+    train(net, Subset("train", *task.train), Subset("val", *task.val), Task("classification"),
+          TrainConfig(epochs=15, patience=None))
+    x, y = task.score
+    graph = build_graph(net, x[:4], vertices=(Block,), edges="all")
+    gated = GatedModel(graph)
+    ctx = Context(graph, gated, Subset("scoring", x, y), Task("classification"), seed=0, batch_size=32)
+    return net, graph, gated, ctx
+
+
+# ---------------------------------------------------------------------------------------------------
+# ground truth
+
+def test_evaluate_masks_matches_direct_computation(small):
+    net, graph, gated, ctx = small
+    masks = bernoulli_masks(graph.num_prunable, 7, 0.7, seed=0)
+    res = evaluate_masks(gated, masks, ctx.scoring, ctx.task, batch_size=20, masks_per_pass=3)
+    for m, loss, acc in zip(masks, res.loss, res.accuracy):
+        with torch.no_grad():
+            out = gated(ctx.scoring.inputs, mask=torch.tensor(m))
+        ref = nn.functional.cross_entropy(out, ctx.scoring.targets).item()
+        assert loss == pytest.approx(ref, rel=1e-5)
+        assert acc == pytest.approx((out.argmax(1) == ctx.scoring.targets).float().mean().item())
+    again = evaluate_masks(gated, masks, ctx.scoring, ctx.task, batch_size=64, masks_per_pass=7)
+    np.testing.assert_allclose(again.loss, res.loss, rtol=1e-5)  # batching does not change S(m)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gate-space derivatives
+
+def test_gradient_and_hessian_match_finite_differences(small):
+    net, graph, _, ctx = small
+    net64 = RandomGraphNet(net.config).double().eval()
+    net64.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
+    for block in net64.modules():  # smooth activations: finite differences across ReLU kinks are not
+        if isinstance(block, Block) and isinstance(block.act, nn.ReLU):  # the (piecewise) Hessian
+            block.act = nn.Tanh()
+    g64 = build_graph(net64, ctx.scoring.inputs[:4].double(), vertices=(Block,), edges="all")
+    gated = GatedModel(g64)
+    data = Subset("scoring", ctx.scoring.inputs.double(), ctx.scoring.targets)
+    s1, grad, hess = gate_derivatives(gated, data, ctx.task, batch_size=25)
+    e, eps = g64.num_prunable, 1e-4
+
+    def s(m: torch.Tensor) -> float:
+        with torch.no_grad():
+            out = gated(data.inputs, mask=m.double())
+        return nn.functional.cross_entropy(out, data.targets).item()
+
+    ones = torch.ones(e, dtype=torch.float64)
+    assert s1 == pytest.approx(s(ones), rel=1e-10)
+    fd = np.array([(s(ones + eps * torch.eye(e)[i]) - s(ones - eps * torch.eye(e)[i])) / (2 * eps) for i in range(e)])
+    np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-8)
+    for i in range(0, e, 3):
+        ei, ej = torch.eye(e, dtype=torch.float64)[i], torch.eye(e, dtype=torch.float64)
+        fd_row = np.array([(s(ones + eps * ei + eps * ej[j]) - s(ones + eps * ei - eps * ej[j])
+                            - s(ones - eps * ei + eps * ej[j]) + s(ones - eps * ei - eps * ej[j])) / (4 * eps ** 2)
+                           for j in range(e)])
+        np.testing.assert_allclose(hess[i], fd_row, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(hess, hess.T)
+
+
+class _GateLinear(nn.Module):
+    """y = sum(stack(a(x), b(x), c(x))): one merge of three branches, so the output is linear in the three
+    gates and the squared error is exactly quadratic. (A chain (a + b) + c would not be: its gates multiply.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return torch.stack([self.a(x), self.b(x), self.c(x)]).sum(0)
+
+
+def test_quadratic_model_is_exact_when_loss_is_quadratic_in_gates():
+    torch.manual_seed(0)
+    model = _GateLinear().double()
+    x, t = torch.randn(40, 3, dtype=torch.float64), torch.randn(40, 2, dtype=torch.float64)
+    graph = build_graph(model, x[:2])
+    assert graph.num_prunable == 3
+    gated = GatedModel(graph)
+    ctx = Context(graph, gated, Subset("s", x, t), Task("regression"), batch_size=16)
+    quad = score("taylor2", ctx)
+    masks = np.vstack([all_masks_with_removed(3, k) for k in range(4)])
+    truth = evaluate_masks(gated, masks, ctx.scoring, ctx.task).loss
+    np.testing.assert_allclose(quad.predict(masks), truth, rtol=1e-9, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# scorers
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_scorers_are_deterministic_and_shaped(small, name):
+    _, graph, _, ctx = small
+    masks = bernoulli_masks(graph.num_prunable, 20, 0.6, seed=1)
+    a, b = score(name, ctx), score(name, ctx)
+    assert a.importance.shape == (graph.num_prunable,)
+    assert np.array_equal(a.predict(masks), b.predict(masks))
+    assert a.predict(masks).shape == (20,)
+
+
+def test_loo_prediction_is_exact_on_single_edge_masks(small):
+    _, graph, gated, ctx = small
+    e = graph.num_prunable
+    loo = score("loo", ctx)
+    singles = 1 - np.eye(e, dtype=np.float32)
+    truth = evaluate_masks(gated, singles, ctx.scoring, ctx.task).loss
+    np.testing.assert_allclose(loo.predict(singles), truth, rtol=1e-6)
+    assert loo.predict(np.ones(e))[0] == pytest.approx(ctx.base_loss())
+
+
+def test_connectivity_predictor(small):
+    _, graph, _, _ = small
+    pred = score("connectivity", Context(graph, None, None, None))
+    e = graph.num_prunable
+    assert pred.predict(np.ones(e))[0] == 0 and pred.predict(np.zeros(e))[0] == 1
+
+
+def test_param_l1_counts_exclusive_parameters():
+    torch.manual_seed(0)
+    net = resnet20().eval()
+    graph = build_graph(net, torch.randn(2, 3, 32, 32))
+    ctx = Context(graph, None, None, None)
+    imp = score("param_l1", ctx).importance
+    for e, v in zip(graph.prunable, imp):
+        if e.src.endswith("shortcut"):
+            assert v == 0  # a skip connection owns no parameters
+        else:
+            blk = net.get_submodule(e.src.rsplit(".", 1)[0])
+            ref = sum(p.abs().sum().item() for m in (blk.conv1, blk.bn1, blk.conv2, blk.bn2) for p in m.parameters())
+            assert v == pytest.approx(ref, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# surrogates fit their training masks
+
+def test_linear_surrogate_recovers_linear_losses(small):
+    _, graph, _, ctx = small
+    e = graph.num_prunable
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=e), 1.5
+    masks = np.vstack([prior_design(e), bernoulli_masks(e, 30, 0.5, seed=3)])
+    sur = LinearSurrogate(ctx).fit(masks, b + masks @ w)
+    test = bernoulli_masks(e, 50, 0.5, seed=4)
+    np.testing.assert_allclose(sur.predict(test), b + test @ w, atol=1e-6)
+    np.testing.assert_allclose(sur.importance, -w, atol=1e-6)
+
+
+def test_fcn_fits_its_training_masks(small):
+    _, graph, _, ctx = small
+    e = graph.num_prunable
+    masks = prior_design(e)
+    y = np.random.default_rng(1).normal(size=len(masks))
+    sur = make_surrogate("fcn", ctx).fit(masks, y)
+    assert sur.predict(masks).shape == (len(masks),)  # (M,), not (M, 1)
+    assert np.abs(sur.predict(masks) - y).max() < 0.05 * np.ptp(y)
+
+
+def test_prior_graph_surrogate_fits_targets_it_can_represent(small):
+    _, graph, _, ctx = small
+    e = graph.num_prunable
+    teacher = PriorGraphSurrogate(ctx, epochs=1)
+    teacher.fit(prior_design(e), np.arange(e + 2, dtype=float))
+    with torch.no_grad():
+        teacher.theta.copy_(torch.randn(len(teacher.theta)))
+    masks = np.vstack([prior_design(e), bernoulli_masks(e, 40, 0.8, seed=5)])
+    g = teacher._g(torch.tensor(masks, dtype=torch.float32)).detach().numpy()
+    y = 3.0 - 2.0 * g  # any decreasing affine map of G is representable through the min-max transform
+    student = PriorGraphSurrogate(ctx, epochs=4000, lr=0.02).fit(masks, y)
+    assert np.abs(student.predict(masks) - y).max() < 0.03 * np.ptp(y)
+
+
+def test_prior_graph_is_pinned_at_all_ones_and_all_zeros(small):
+    # the published model's flaw: G(1) = 1 and G(0) = 0 whatever the parameters
+    _, graph, _, ctx = small
+    e = graph.num_prunable
+    sur = PriorGraphSurrogate(ctx, epochs=50).fit(prior_design(e), np.random.default_rng(0).random(e + 2))
+    g = sur._g(torch.tensor(np.vstack([np.ones(e), np.zeros(e)]), dtype=torch.float32)).detach().numpy()
+    np.testing.assert_allclose(g, [1.0, 0.0], atol=1e-6)
+
+
+def test_graph_flow_fits_measured_training_masks(small):
+    _, graph, gated, ctx = small
+    masks = np.vstack([prior_design(graph.num_prunable), bernoulli_masks(graph.num_prunable, 40, 0.7, seed=6)])
+    y = evaluate_masks(gated, masks, ctx.scoring, ctx.task).loss
+    full = dict(learn_shares=True, readout="mlp", bias_channel=True, steps=1500)
+    sur = GraphFlowSurrogate(ctx, **full).fit(masks, y)
+    assert np.abs(sur.predict(masks) - y).max() < 0.1 * np.ptp(y)
+    again = GraphFlowSurrogate(ctx, **full).fit(masks, y)
+    assert np.array_equal(sur.predict(masks), again.predict(masks))  # seeded
+
+
+def test_graph_flow_on_the_prior_design_ranks_like_measured_flow(small):
+    # few masks: an affine readout of the measured flow, so connected masks keep the zero-shot order
+    _, graph, gated, ctx = small
+    e = graph.num_prunable
+    fit = prior_design(e)
+    sur = GraphFlowSurrogate(ctx).fit(fit, evaluate_masks(gated, fit, ctx.scoring, ctx.task).loss)
+    assert not sur.learn_shares and sur.readout_kind == "linear" and not sur.bias_channel
+    test = sparsity_masks(graph, 30, 0.1, 0.3, seed=1)
+    flow = score("flow", ctx).predict(test)
+    pred = sur.predict(test)
+    assert abs(np.corrcoef(pred, flow)[0, 1]) > 0.999
+
+
+class _TwoBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_measured_flow_is_exact_for_one_sum_of_linear_branches():
+    # y = a(x) + b(x): removing a branch removes exactly its share of y, so 1 - F_output(m) equals the
+    # lost fraction <y - y(m), y> / <y, y>
+    torch.manual_seed(0)
+    model = _TwoBranch().double()
+    x = torch.randn(50, 3, dtype=torch.float64)
+    graph = build_graph(model, x[:2])
+    gated = GatedModel(graph)
+    ctx = Context(graph, gated, Subset("s", x, torch.zeros(50, 2)), Task("regression"), batch_size=16)
+    flow = score("flow", ctx)
+    with torch.no_grad():
+        y = model(x)
+        for m in ([0.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0]):
+            ym = gated(x, mask=torch.tensor(m))
+            lost = float(((y - ym) * y).sum() / (y * y).sum())
+            assert flow.predict(np.array(m))[0] == pytest.approx(lost, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SURROGATES))
+def test_surrogates_reject_bad_fit_data(small, name):
+    _, graph, _, ctx = small
+    sur = make_surrogate(name, ctx)
+    e = graph.num_prunable
+    with pytest.raises(ValueError, match="masks"):
+        sur.fit(np.ones((3, e + 1)), np.ones(3))
+    with pytest.raises(ValueError, match="losses"):
+        sur.fit(np.ones((3, e)), np.ones(2))
+    with pytest.raises(ValueError, match="NaN"):
+        sur.fit(np.ones((3, e)), np.array([1.0, np.nan, 2.0]))
+
+
+def test_flow_structure_contraction_is_exact(small):
+    _, graph, _, ctx = small
+    full, small_ = FlowStructure.from_graph(graph, contract=False), FlowStructure.from_graph(graph, contract=True)
+    assert small_.num_vertices <= full.num_vertices
+    masks = torch.tensor(bernoulli_masks(graph.num_prunable, 30, 0.6, seed=0))
+    paths = []  # number of surviving input->output paths of each mask
+    for fs in (full, small_):
+        paths.append(fs.propagate(masks, torch.ones(len(fs.src), 1), torch.ones(fs.num_vertices, 1))[:, fs.output, 0])
+    assert torch.equal(paths[0], paths[1])
+    assert torch.equal(paths[0] > 0, torch.tensor(graph.connected(masks.numpy())))
+
+
+# ---------------------------------------------------------------------------------------------------
+# masks
+
+def test_mask_designs(small):
+    _, graph, _, _ = small
+    e = graph.num_prunable
+    d = prior_design(e)
+    assert d.shape == (e + 2, e) and d[0].all() and not d[1].any() and (d[2:].sum(1) == e - 1).all()
+    s = sparsity_masks(graph, 40, 0.1, 0.3, seed=0, exclude=d)
+    removed = (s == 0).sum(1)
+    assert removed.min() >= 1 and removed.max() <= int(0.3 * e)
+    assert graph.connected(s).all() and len(np.unique(s, axis=0)) == len(s)
+    assert not any((row == d).all(1).any() for row in s)
+    assert (pair_masks(e, None, 0).sum(1) == e - 2).all() and len(pair_masks(e, None, 0)) == e * (e - 1) // 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# pruning
+
+def test_budget_zero_returns_the_original_model(small):
+    net, graph, _, ctx = small
+    pred = score("magnitude", ctx)
+    mask = select_mask(pred, graph.num_prunable, Budget(edges=0))
+    assert mask.all()
+    pruned = prune(graph, mask)
+    with torch.no_grad():
+        assert torch.equal(pruned(ctx.scoring.inputs), net(ctx.scoring.inputs))
+    assert count_params(pruned) == count_params(net)
+
+
+def test_additive_selection_removes_least_important_edges(small):
+    _, graph, _, _ = small
+    e = graph.num_prunable
+    imp = np.random.default_rng(0).permutation(e).astype(float)
+    mask = select_mask(AdditivePredictor("x", imp), e, Budget(edges=3))
+    assert set(np.flatnonzero(mask == 0)) == set(np.argsort(imp)[:3])
+
+
+def test_beam_search_finds_the_exhaustive_optimum_of_a_quadratic(small):
+    _, graph, _, _ = small
+    e = graph.num_prunable
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(e, e)) * 0.2
+    pred = QuadraticPredictor("q", 0.0, rng.normal(size=e), h + h.T)
+    cand = all_masks_with_removed(e, 2)
+    best = cand[np.argmin(pred.predict(cand))]
+    mask = select_mask(pred, e, Budget(edges=2), search="beam", beam_width=e * e)
+    assert np.array_equal(mask, best)
+
+
+def test_cost_model_matches_physical_pruning():
+    torch.manual_seed(0)
+    net = resnet20().eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = build_graph(net, x)
+    costs = CostModel(graph)
+    masks = bernoulli_masks(graph.num_prunable, 6, 0.6, seed=0)
+    params, macs = costs.cost(masks)
+    for m, p, c in zip(masks, params, macs):
+        small_ = prune(graph, m)
+        assert p == count_params(small_) and c == count_macs(small_, x) // 2
+
+
+def test_parameter_budget_is_met(small):
+    net, graph, _, ctx = small
+    costs = CostModel(graph)
+    target = int(0.7 * count_params(net))
+    mask = select_mask(score("magnitude", ctx), graph.num_prunable, Budget(max_params=target), costs=costs)
+    assert count_params(prune(graph, mask)) <= target
+
+
+def test_auto_prune_one_call(small):
+    net, graph, _, ctx = small
+    res = auto_prune(net, ctx.scoring, ctx.task, Budget(edges=2), method="loo", vertices=(Block,), edges="all")
+    assert (res.mask == 0).sum() == 2 and len(res.removed) == 2
+    assert res.params[1] == count_params(res.model) <= res.params[0]
+    res2 = auto_prune(net, ctx.scoring, ctx.task, Budget(edges=0), method="linear", vertices=(Block,), edges="all")
+    assert res2.mask.all() and len(res2.fit_masks) == graph.num_prunable + 2
+    with pytest.raises(ValueError, match="exactly one"):
+        Budget(edges=1, max_params=10)
