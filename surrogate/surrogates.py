@@ -175,11 +175,12 @@ class GraphFlowSurrogate(Surrogate):
 
     Capacity grows with the data (chosen on validation masks of development graphs): with at most 20 masks
     beyond the |E|+2 of the prior design, the readout is affine and the shares stay as measured; the constant
-    channel is used once at least 20 fitting masks are disconnected.
+    channel is used once at least 20 fitting masks are disconnected. Training: Adam with a cosine schedule,
+    300 steps (affine readout) or 1500 (full model).
     """
     name = "graph_flow"
 
-    def __init__(self, ctx: Context, hidden: int = 16, steps: int = 600, lr: float = 0.03, shrink: float = 1e-2,
+    def __init__(self, ctx: Context, hidden: int = 16, steps: int | str = "auto", lr: float = 0.03, shrink: float = 1e-2,
                  learn_shares: bool | str = "auto", readout: str = "auto", bias_channel: bool | str = "auto",
                  seed: int | None = None):
         self.ctx, self.num_edges = ctx, ctx.num_edges
@@ -193,6 +194,7 @@ class GraphFlowSurrogate(Surrogate):
         self.learn_shares = rich if o["learn_shares"] == "auto" else bool(o["learn_shares"])
         self.readout_kind = ("mlp" if rich else "linear") if o["readout"] == "auto" else o["readout"]
         self.bias_channel = num_disconnected >= 20 if o["bias_channel"] == "auto" else bool(o["bias_channel"])
+        self.num_steps = (1500 if rich else 300) if self.steps == "auto" else int(self.steps)
 
     def _disconnected(self, masks: torch.Tensor) -> torch.Tensor:
         return torch.tensor((~self.ctx.graph.connected(masks.numpy() > 0.5)).astype(np.float32))
@@ -231,8 +233,8 @@ class GraphFlowSurrogate(Surrogate):
         params = [*self.readout.parameters()] + ([self.delta] if self.learn_shares else []) \
             + ([self.beta, self.omega] if self.bias_channel else [])
         opt = torch.optim.Adam(params, lr=self.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps)
-        for _ in range(self.steps):
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.num_steps)
+        for _ in range(self.num_steps):
             loss = F.mse_loss(self._forward(x, disc), t) + self.shrink * self.delta.pow(2).mean()
             opt.zero_grad()
             loss.backward()
