@@ -50,8 +50,9 @@ class StudyConfig:
     realistic: tuple[float, float] = (0.05, 0.25)    # realistic protocol: fraction of edges removed
     budgets: tuple[float, ...] = (0.1, 0.25)         # regret: fraction of edges removed
     exhaustive_limit: int = 2000                     # exhaustive optimum when C(E, b) is at most this
-    search_random: int = 200                         # otherwise: random masks at the budget ...
-    search_swaps: int = 200                          # ... and swap moves around the best mask found
+    search_random: int = 100                         # otherwise: random masks at the budget ...
+    search_swaps: int = 100                          # ... and swap moves around the best mask found
+    beam_width: int = 4                              # mask search for non-additive predictors
     extra_k: tuple[int, ...] = (0, 25, 50, 100)      # sample efficiency: masks beyond the prior design
     scorers: tuple[str, ...] = ("random", "magnitude", "taylor1", "taylor1_abs", "taylor2", "connectivity",
                                 "loo", "flow")
@@ -119,7 +120,8 @@ def run_graph(cfg: StudyConfig, size: int, seed: int, cache_dir: str | None = No
     regret = []
     for frac in cfg.budgets:
         b = max(1, round(frac * e))
-        picks = {name: select_mask(pred, e, Budget(edges=b)) for name, pred in predictors.items()}
+        picks = {name: select_mask(pred, e, Budget(edges=b), beam_width=cfg.beam_width)
+                 for name, pred in predictors.items()}
         exhaustive = math.comb(e, b) <= cfg.exhaustive_limit
         rng = np.random.default_rng(rng_seed + 100 + b)
         if exhaustive:
@@ -187,10 +189,11 @@ def run_study(cfg: StudyConfig, workers: int = 1, cache_dir: str | None = None,
     """Run every graph of the study; DataFrames "info", "protocols", "regret", "efficiency" and per-graph
     "examples" (predictions on the test masks, for scatter plots)."""
     jobs = [(cfg, size, cfg.first_seed + g, cache_dir) for size in cfg.sizes for g in range(cfg.graphs_per_size)]
-    if workers > 1:
+    if workers > 1:  # largest graphs first balances the workers; every graph is seeded on its own
+        order = sorted(range(len(jobs)), key=lambda i: -jobs[i][1])
         with ProcessPoolExecutor(workers) as pool:
-            it = pool.map(_run_one, jobs)
-            results = _progress(it, len(jobs), progress)
+            done = _progress(pool.map(_run_one, [jobs[i] for i in order]), len(jobs), progress)
+        results = [r for _, r in sorted(zip(order, done), key=lambda t: t[0])]
     else:
         results = _progress(map(_run_one, jobs), len(jobs), progress)
     frames = {k: pd.DataFrame([r for res in results for r in (res[k] if k != "info" else [res[k]])])

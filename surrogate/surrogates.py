@@ -74,6 +74,19 @@ class LinearSurrogate(Surrogate):
         return self.coef[0] + m @ self.coef[1:]
 
 
+def _minimise(objective: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, steps: int,
+              cosine: bool = False) -> None:
+    """Full-batch gradient steps on ``objective`` (optionally with a cosine learning-rate schedule)."""
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
+    for _ in range(steps):
+        loss = objective()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
 def _standardise(y: np.ndarray) -> tuple[float, float]:
     mu, sd = float(y.mean()), float(y.std())
     return mu, sd if sd > 1e-12 else 1.0
@@ -98,11 +111,7 @@ class MLPSurrogate(Surrogate):
         x = torch.tensor(m, dtype=torch.float32)
         t = torch.tensor((y - self.mu) / self.sd, dtype=torch.float32)
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.wd)
-        for _ in range(self.steps):
-            loss = F.mse_loss(self.net(x).squeeze(-1), t)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _minimise(lambda: F.mse_loss(self.net(x).squeeze(-1), t), opt, self.steps)
         return self
 
     @torch.no_grad()
@@ -144,13 +153,8 @@ class PriorGraphSurrogate(Surrogate):
         target = torch.tensor(1 - (y - self.lo) / span, dtype=torch.float32)
         torch.manual_seed(self.seed)
         self.theta = torch.randn(len(self.flow.src)).mul_(0.01).requires_grad_()
-        opt = torch.optim.Adam([self.theta], lr=self.lr)
         x = torch.tensor(m, dtype=torch.float32)
-        for _ in range(self.epochs):
-            loss = F.mse_loss(self._g(x), target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _minimise(lambda: F.mse_loss(self._g(x), target), torch.optim.Adam([self.theta], lr=self.lr), self.epochs)
         return self
 
     @torch.no_grad()
@@ -201,16 +205,16 @@ class GraphFlowSurrogate(Surrogate):
 
     def _features(self, masks: torch.Tensor, disc: torch.Tensor) -> torch.Tensor:
         w = self.flow.base * torch.exp(self.delta) if self.learn_shares else self.flow.base
-        f = self.flow.flow(masks, w)
-        feats = [f, disc]
-        if self.bias_channel:
-            # constant flow: every vertex emits softplus(beta_v) whatever reaches it, and passes on
-            # what it receives; it survives disconnection, as real biases do
-            beta = F.softplus(self.beta)[:, None]
-            b = self.flow.propagate(masks, F.softplus(self.omega)[:, None], beta,
-                                    lambda inflow, t: inflow + beta[t])[:, self.flow.output, 0]
-            feats.append(torch.log(b + 1e-6))
-        return torch.stack(feats, 1)
+        if not self.bias_channel:
+            return torch.stack([self.flow.flow(masks, w), disc], 1)
+        # two channels in one pass: the flow (inputs emit 1) and the constant flow, in which every vertex
+        # adds softplus(beta_v) to whatever reaches it -- it survives disconnection, as real biases do
+        beta = F.softplus(self.beta)
+        weight = torch.stack([w, F.softplus(self.omega)], 1)
+        source = torch.stack([torch.ones_like(beta), beta], 1)
+        added = torch.stack([torch.zeros_like(beta), beta], 1)
+        out = self.flow.propagate(masks, weight, source, lambda inflow, t: inflow + added[t])[:, self.flow.output]
+        return torch.stack([out[:, 0], disc, torch.log(out[:, 1] + 1e-6)], 1)
 
     def _forward(self, masks: torch.Tensor, disc: torch.Tensor) -> torch.Tensor:
         return self.readout(self._features(masks, disc)).squeeze(-1)
@@ -232,14 +236,8 @@ class GraphFlowSurrogate(Surrogate):
         t = torch.tensor((y - self.mu) / self.sd, dtype=torch.float32)
         params = [*self.readout.parameters()] + ([self.delta] if self.learn_shares else []) \
             + ([self.beta, self.omega] if self.bias_channel else [])
-        opt = torch.optim.Adam(params, lr=self.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.num_steps)
-        for _ in range(self.num_steps):
-            loss = F.mse_loss(self._forward(x, disc), t) + self.shrink * self.delta.pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+        _minimise(lambda: F.mse_loss(self._forward(x, disc), t) + self.shrink * self.delta.pow(2).mean(),
+                  torch.optim.Adam(params, lr=self.lr), self.num_steps, cosine=True)
         return self
 
     @torch.no_grad()
