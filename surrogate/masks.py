@@ -58,7 +58,7 @@ def sparsity_masks(graph: ComputationGraph, n: int, min_frac: float, max_frac: f
     if len(out) < n:
         raise RuntimeError(f"drew only {len(out)} of {n} distinct masks removing {lo}-{hi} of {e} edges"
                            f"{' with a connected network' if connected else ''}; ask for fewer masks")
-    return np.stack(out)
+    return np.stack(out) if out else np.zeros((0, e), dtype=np.float32)
 
 
 def pair_masks(num_edges: int, n: int | None, seed: int) -> np.ndarray:

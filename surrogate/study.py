@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 
 from .data import TeacherTaskConfig, make_teacher_task
-from .evaluate import Subset, Task, evaluate_masks
+from .evaluate import MaskEval, Subset, Task, evaluate_masks
 from .gating import GatedModel
 from .graph import build_graph
 from .masks import all_masks_with_removed, bernoulli_masks, prior_design, sparsity_masks, unique_rows
-from .metrics import evaluate_predictions
+from .metrics import evaluate_predictions, spearman
 from .models import Block, RandomGraphConfig, RandomGraphNet
 from .pruning import Budget, select_mask
 from .scorers import SCORERS, Context, Predictor, score
@@ -98,13 +98,25 @@ def run_graph(cfg: StudyConfig, size: int, seed: int, cache_dir: str | None = No
     rng_seed = 10_000 * size + seed
     tests = {"prior": bernoulli_masks(e, cfg.n_test_masks, cfg.keep_prob, seed=rng_seed + 1),
              "realistic": sparsity_masks(graph, cfg.n_test_masks, *cfg.realistic, seed=rng_seed + 2, exclude=fit)}
-    truth = {p: ev(m, evaluation) for p, m in tests.items()}
+    # the truth, measured on the two halves of the evaluation subset: their agreement bounds how well any
+    # predictor can rank the test masks (the noise ceiling), at no extra cost
+    half = len(evaluation) // 2
+    halves = (Subset("evaluation[:half]", evaluation.inputs[:half], evaluation.targets[:half]),
+              Subset("evaluation[half:]", evaluation.inputs[half:], evaluation.targets[half:]))
+    truth, ceiling = {}, {}
+    for p, m in tests.items():
+        a, b = ev(m, halves[0]), ev(m, halves[1])
+        loss = (a.loss * len(halves[0]) + b.loss * len(halves[1])) / len(evaluation)
+        truth[p] = MaskEval(evaluation.name, len(evaluation), loss)
+        r = spearman(a.loss, b.loss)
+        ceiling[p] = float(np.sqrt(max(0.0, 2 * r / (1 + r)))) if r > -1 else 0.0  # Spearman-Brown, sqrt
     full = ev(np.ones((1, e)), evaluation)
     info = {**key, "vertices": len(graph.vertices), "params": sum(p.numel() for p in net.parameters()),
             "best_epoch": meta.get("best_epoch"), "test_loss": float(full.loss[0]),
             "test_acc": float(full.accuracy[0]), "loss_all_removed": float(ev(np.zeros((1, e)), evaluation).loss[0]),
             "prior_frac_connected": float(graph.connected(tests["prior"]).mean()),
-            "realistic_n_masks": len(tests["realistic"]), "chance_loss": math.log(task_cfg.num_classes)}
+            "realistic_n_masks": len(tests["realistic"]), "chance_loss": math.log(task_cfg.num_classes),
+            **{f"ceiling_{p}": c for p, c in ceiling.items()}}
 
     # 1-2. both protocols, every method fitted on the prior design
     ctx = Context(graph, gated, scoring, task, fit, fit_eval.loss, seed=seed)
