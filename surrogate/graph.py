@@ -257,9 +257,11 @@ class ComputationGraph:
     def __repr__(self) -> str:
         return self.summary()
 
-    def draw(self, ax=None, importances: Sequence[float] | None = None, label_vertices: bool = True):
+    def draw(self, ax=None, importances: Sequence[float] | None = None, label_vertices: bool = True,
+             label: Callable[[str], str] | None = None):
+        """A layered drawing of the graph (see surrogate.plotting.draw_graph)."""
         from .plotting import draw_graph
-        return draw_graph(self, ax=ax, importances=importances, label_vertices=label_vertices)
+        return draw_graph(self, ax=ax, importances=importances, label_vertices=label_vertices, label=label)
 
 
 # ----------------------------------------------------------------------------------------------------

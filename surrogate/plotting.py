@@ -1,7 +1,7 @@
 """Figures: a layered drawing of a computation graph with its prunable edges (and their importances)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -37,9 +37,10 @@ def _short(name: str, parts: int = 2) -> str:
 
 
 def draw_graph(graph: "ComputationGraph", ax=None, importances: Sequence[float] | None = None,
-               label_vertices: bool = True, cmap: str = "viridis"):
+               label_vertices: bool = True, cmap: str = "viridis", label: Callable[[str], str] | None = None):
     """Draw the vertex graph left to right. Prunable edges are thick (coloured by ``importances`` if
-    given, one value per prunable edge), the other edges thin and grey. Returns the matplotlib axes."""
+    given, one value per prunable edge), the other edges thin and grey; ``label`` maps a vertex name to its
+    text (default: the last two parts of its path). Returns the matplotlib axes."""
     import matplotlib.pyplot as plt
     from matplotlib import cm, colors
 
@@ -73,7 +74,7 @@ def draw_graph(graph: "ComputationGraph", ax=None, importances: Sequence[float] 
         x, y = pos[v.name]
         ax.scatter([x], [y], s=40, c=c, marker=mk, zorder=3)
         if label_vertices and len(graph.vertices) <= 60:
-            ax.text(x, y + 0.18, _short(v.name), fontsize=6, ha="center", va="bottom", zorder=4)
+            ax.text(x, y + 0.18, (label or _short)(v.name), fontsize=6, ha="center", va="bottom", zorder=4)
     if importances is not None:
         ax.figure.colorbar(mapper, ax=ax, fraction=0.03, pad=0.01, label="edge importance")
     ax.set_axis_off()

@@ -13,10 +13,10 @@ __all__ = ["SIZE_BUCKETS", "bucket_label", "summarize", "wide_table", "paired_co
            "OURS", "BASELINES"]
 
 # the prior study's size buckets, keyed by generator iterations
-SIZE_BUCKETS = {2: "10--15", 5: "20--40", 14: "50--100", 30: "$>$100"}
+SIZE_BUCKETS = {2: "10-15", 5: "20-40", 14: "50-100", 30: "over 100"}  # plain text (escaped in tables)
 METHOD_LABELS = {
     "random": "Random", "magnitude": "Magnitude (activation L1)", "param_l1": "Magnitude (parameter L1)",
-    "taylor1": "Taylor, 1st order", "taylor1_abs": "Taylor, 1st order $|g|$", "taylor2": "Taylor, 2nd order",
+    "taylor1": "Taylor, 1st order", "taylor1_abs": "Taylor, 1st order, abs.", "taylor2": "Taylor, 2nd order",
     "connectivity": "Connectivity", "loo": "Leave-one-out", "linear": "Linear regression", "fcn": "FCN",
     "prior_graph": "Graph (prior)", "flow": "Flow (ours, zero-shot)", "graph_flow": "Graph-flow (ours)"}
 OURS = ("flow", "graph_flow")
