@@ -121,11 +121,17 @@ def run_graph(cfg: StudyConfig, size: int, seed: int, cache_dir: str | None = No
     # 1-2. both protocols, every method fitted on the prior design
     ctx = Context(graph, gated, scoring, task, fit, fit_eval.loss, seed=seed)
     protocols, predictors = [], {}
+    # ranking among the connected test masks only: a disconnected network's output does not depend on its
+    # input, so connectivity alone separates those; this isolates what a method knows beyond connectivity
+    conn = {p: graph.connected(tests[p]) for p in PROTOCOLS}
     for name in (*cfg.scorers, *cfg.surrogates):
         pred, seconds = _timed(lambda: _fit_method(name, ctx, fit, fit_eval.loss))
         predictors[name] = pred
         for p in PROTOCOLS:
-            metrics = evaluate_predictions(pred.predict(tests[p]), truth[p].loss)
+            yhat = pred.predict(tests[p])
+            metrics = evaluate_predictions(yhat, truth[p].loss)
+            c = conn[p]
+            metrics["spearman_connected"] = spearman(yhat[c], truth[p].loss[c]) if c.sum() >= 3 else float("nan")
             protocols.append({**key, "protocol": p, "method": name, "seconds": seconds, **metrics})
 
     # 3. budgeted pruning: true loss of each method's pick against the best achievable
