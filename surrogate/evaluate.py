@@ -66,6 +66,7 @@ class MaskEval:
     n_samples: int
     loss: np.ndarray                      # (M,) mean loss
     accuracy: np.ndarray | None = None    # (M,) mean accuracy (classification / next-token)
+    outputs: torch.Tensor | None = None   # (M, n, ...) model outputs, if asked for (keep_outputs=True)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -75,11 +76,14 @@ class MaskEval:
 
 @torch.no_grad()
 def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, batch_size: int = 512,
-                   masks_per_pass: int | None = None, progress: bool = False) -> MaskEval:
+                   masks_per_pass: int | None = None, progress: bool = False,
+                   keep_outputs: bool = False) -> MaskEval:
     """Evaluate every mask on the whole subset: S(m) = mean per-sample loss.
 
     masks_per_pass masks are stacked into one forward pass (None: as many as keep a pass near 16k
     samples; for convolutional nets on a CPU, 1 is usually fastest). Deterministic: no sampling.
+    keep_outputs: also return the outputs of every mask on every sample ((M, n, ...), as the model returns
+    them), what output-space surrogates are built from; mind the memory of large outputs (LM logits).
     """
     m = check_mask(masks, gated.num_edges)
     m = m.unsqueeze(0) if m.dim() == 1 else m
@@ -88,6 +92,7 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
     total_loss = torch.zeros(len(m), dtype=torch.float64)
     total_acc = torch.zeros(len(m), dtype=torch.float64)
     has_acc = True
+    kept: list[list[torch.Tensor]] = [[] for _ in range(len(m))] if keep_outputs else []
     chunks = range(0, len(m), masks_per_pass)
     if progress:
         from tqdm.auto import tqdm
@@ -103,6 +108,8 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
                 out = gated(x, mask=mc if len(mc) > 1 else mc[0])
                 out = out if len(mc) > 1 else out.unsqueeze(0)
                 for j in range(len(mc)):
+                    if keep_outputs:
+                        kept[c0 + j].append(out[j])
                     loss, acc = task.per_sample(out[j], y)
                     total_loss[c0 + j] += loss.double().sum()
                     if acc is None:
@@ -115,4 +122,5 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
     loss = (total_loss / n).numpy()
     if not np.isfinite(loss).all():
         raise FloatingPointError(f"non-finite loss for {int((~np.isfinite(loss)).sum())} masks on {data.name}")
-    return MaskEval(data.name, n, loss, (total_acc / n).numpy() if has_acc else None)
+    outputs = torch.stack([torch.cat(parts) for parts in kept]) if keep_outputs else None
+    return MaskEval(data.name, n, loss, (total_acc / n).numpy() if has_acc else None, outputs)

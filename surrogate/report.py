@@ -18,8 +18,9 @@ METHOD_LABELS = {
     "random": "Random", "magnitude": "Magnitude (activation L1)", "param_l1": "Magnitude (parameter L1)",
     "taylor1": "Taylor, 1st order", "taylor1_abs": "Taylor, 1st order, abs.", "taylor2": "Taylor, 2nd order",
     "connectivity": "Connectivity", "loo": "Leave-one-out", "linear": "Linear regression", "fcn": "FCN",
-    "prior_graph": "Graph (prior)", "flow": "Flow (ours, zero-shot)", "graph_flow": "Graph-flow (ours)"}
-OURS = ("flow", "graph_flow")
+    "prior_graph": "Graph (prior)", "flow": "Flow (ours, zero-shot)", "graph_flow": "Graph-flow (ours)",
+    "superposition": "Superposition (ours)"}
+OURS = ("flow", "graph_flow", "superposition")
 BASELINES = ("random", "magnitude", "param_l1", "taylor1", "taylor1_abs", "taylor2", "connectivity", "loo",
              "linear", "fcn", "prior_graph")
 

@@ -32,6 +32,7 @@ class Context:
     task: Task
     fit_masks: np.ndarray | None = None   # (K, E) masks measured on the scoring subset
     fit_losses: np.ndarray | None = None  # (K,) their losses S(m) on the scoring subset
+    fit_outputs: torch.Tensor | None = None  # (K, n, ...) their outputs on the scoring subset, if kept
     seed: int = 0
     batch_size: int = 512
     memo: dict[str, Any] = field(default_factory=dict, repr=False)  # shared expensive quantities
@@ -58,6 +59,23 @@ class Context:
                 self.gated, singles, self.scoring, self.task, batch_size=self.batch_size).loss
         return self.memo["loo"]
 
+    def single_edge_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs on the scoring subset with all edges kept, (n, ...), and the change of the outputs when each
+        edge alone is removed, (E, n, ...): taken from ``fit_outputs`` when the fitting masks include them
+        (the prior design does), otherwise measured here (|E| + 1 passes over the scoring subset)."""
+        if "outputs" not in self.memo:
+            e = self.num_edges
+            wanted = np.vstack([np.ones(e), 1 - np.eye(e)]).astype(np.float32)
+            rows = _rows(self.fit_masks, wanted) if self.fit_outputs is not None else None
+            if rows is not None:
+                y = self.fit_outputs[rows]
+            else:
+                y = evaluate_masks(self.gated, wanted, self.scoring, self.task, batch_size=self.batch_size,
+                                   keep_outputs=True).outputs
+            y = y.double()
+            self.memo["outputs"] = (y[0], y[1:] - y[0])
+        return self.memo["outputs"]
+
     def shares(self) -> np.ndarray:
         """Measured merge shares of every vertex-graph edge (one pass over the scoring subset)."""
         if "shares" not in self.memo:
@@ -75,13 +93,19 @@ class Context:
         return self.memo[key]
 
 
-def _lookup(masks: np.ndarray | None, losses: np.ndarray | None, wanted: np.ndarray) -> np.ndarray | None:
-    """Losses of ``wanted`` masks if every one of them is among the measured masks, else None."""
-    if masks is None or losses is None:
+def _rows(masks: np.ndarray | None, wanted: np.ndarray) -> list[int] | None:
+    """Row of each ``wanted`` mask among the measured ``masks``, or None if any of them was not measured."""
+    if masks is None:
         return None
     index = {row.astype(np.float32).tobytes(): i for i, row in enumerate(masks)}
     rows = [index.get(w.astype(np.float32).tobytes()) for w in wanted]
-    return None if any(r is None for r in rows) else np.asarray(losses)[rows]
+    return None if any(r is None for r in rows) else rows
+
+
+def _lookup(masks: np.ndarray | None, losses: np.ndarray | None, wanted: np.ndarray) -> np.ndarray | None:
+    """Losses of ``wanted`` masks if every one of them is among the measured masks, else None."""
+    rows = _rows(masks, wanted) if losses is not None else None
+    return None if rows is None else np.asarray(losses)[rows]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -56,8 +56,8 @@ class StudyConfig:
     extra_k: tuple[int, ...] = (0, 25, 50, 100)      # sample efficiency: masks beyond the prior design
     scorers: tuple[str, ...] = ("random", "magnitude", "taylor1", "taylor1_abs", "taylor2", "connectivity",
                                 "loo", "flow")
-    surrogates: tuple[str, ...] = ("linear", "fcn", "prior_graph", "graph_flow")
-    k_methods: tuple[str, ...] = ("linear", "fcn", "graph_flow")
+    surrogates: tuple[str, ...] = ("linear", "fcn", "prior_graph", "graph_flow", "superposition")
+    k_methods: tuple[str, ...] = ("linear", "fcn", "graph_flow", "superposition")
     eval_batch: int = 2048
 
 
@@ -94,7 +94,8 @@ def run_graph(cfg: StudyConfig, size: int, seed: int, cache_dir: str | None = No
     key = {"size": size, "seed": seed, "edges": e}
 
     fit = prior_design(e)
-    fit_eval = ev(fit, scoring)
+    # the outputs of the fitting masks are kept: the superposition surrogate is built from them
+    fit_eval = evaluate_masks(gated, fit, scoring, task, batch_size=cfg.eval_batch, keep_outputs=True)
     rng_seed = 10_000 * size + seed
     tests = {"prior": bernoulli_masks(e, cfg.n_test_masks, cfg.keep_prob, seed=rng_seed + 1),
              "realistic": sparsity_masks(graph, cfg.n_test_masks, *cfg.realistic, seed=rng_seed + 2, exclude=fit)}
@@ -119,7 +120,7 @@ def run_graph(cfg: StudyConfig, size: int, seed: int, cache_dir: str | None = No
             **{f"ceiling_{p}": c for p, c in ceiling.items()}}
 
     # 1-2. both protocols, every method fitted on the prior design
-    ctx = Context(graph, gated, scoring, task, fit, fit_eval.loss, seed=seed)
+    ctx = Context(graph, gated, scoring, task, fit, fit_eval.loss, fit_eval.outputs, seed=seed)
     protocols, predictors = [], {}
     # ranking among the connected test masks only: a disconnected network's output does not depend on its
     # input, so connectivity alone separates those; this isolates what a method knows beyond connectivity
@@ -190,7 +191,7 @@ def run_graph(cfg: StudyConfig, size: int, seed: int, cache_dir: str | None = No
                 efficiency.append({**key, "protocol": p, "method": name, "extra": k, "K": len(masks),
                                    "seconds": seconds, **metrics})
     return {"info": info, "protocols": protocols, "regret": regret, "efficiency": efficiency,
-            "example": {"graph": graph, "importance": predictors.get("graph_flow", predictors[cfg.scorers[0]]).importance,
+            "example": {"graph": graph, "importance": predictors.get("flow", predictors[cfg.scorers[0]]).importance,
                         "truth": {p: truth[p].loss for p in PROTOCOLS},
                         "predictions": {p: {n: pr.predict(tests[p]) for n, pr in predictors.items()} for p in PROTOCOLS}}}
 

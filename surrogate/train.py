@@ -101,7 +101,7 @@ def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, co
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(b)
+            total += float(loss.detach()) * len(b)
             count += len(b)
         val_loss, val_acc = _evaluate(model, val_data, task)
         history.append({"epoch": epoch, "train_loss": total / count, "val_loss": val_loss, "val_acc": val_acc})

@@ -363,3 +363,98 @@ def test_auto_prune_one_call(small):
     assert res2.mask.all() and len(res2.fit_masks) == graph.num_prunable + 2
     with pytest.raises(ValueError, match="exactly one"):
         Budget(edges=1, max_params=10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# flow attribution and the superposition surrogate
+
+class _Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_attribution_splits_the_lost_flow(small):
+    _, graph, _, ctx = small
+    fs = FlowStructure.from_graph(graph, weights=ctx.shares())
+    masks = torch.tensor(np.vstack([bernoulli_masks(graph.num_prunable, 20, 0.5, seed=3),
+                                    sparsity_masks(graph, 20, 0.1, 0.3, seed=4)]))
+    for method in ("shapley", "last_cut"):
+        phi = fs.attribution(masks, method)
+        torch.testing.assert_close(phi.sum(1), fs.lost(masks), rtol=0, atol=1e-12)  # efficiency
+        assert torch.all(phi[masks == 1] == 0)
+    singles = torch.tensor(1 - np.eye(graph.num_prunable))
+    for method in ("shapley", "last_cut"):  # one removed edge takes all of its own lost flow
+        torch.testing.assert_close(fs.attribution(singles, method).sum(1), fs.lost(singles), rtol=0, atol=1e-12)
+
+
+def test_attribution_of_two_cuts_in_series():
+    # input -> a -> b: both edges cut the single path; Shapley splits it, last_cut charges the later cut
+    graph = build_graph(_Chain(), torch.randn(2, 3), edges="all")
+    assert graph.num_prunable == 2
+    fs = FlowStructure.from_graph(graph)
+    both = torch.zeros(1, 2)
+    torch.testing.assert_close(fs.attribution(both, "shapley"), torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    torch.testing.assert_close(fs.attribution(both, "last_cut"), torch.tensor([[0.0, 1.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="shapley"):
+        fs.attribution(both, "banzhaf")
+
+
+class _ThreeBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.stack([self.a(x), self.b(x), self.c(x)]).sum(0)
+
+
+def test_superposition_is_exact_for_parallel_linear_branches():
+    # one merge of linear branches: output changes add up exactly, whatever is removed (all removed: zeros)
+    torch.manual_seed(0)
+    model = _ThreeBranch().double()
+    x = torch.randn(40, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    graph = build_graph(model, x[:2])
+    gated = GatedModel(graph)
+    ctx = Context(graph, gated, Subset("s", x, y), Task("classification"))
+    fit = prior_design(3)
+    sur = make_surrogate("superposition", ctx).fit(fit, evaluate_masks(gated, fit, ctx.scoring, ctx.task).loss)
+    every = all_masks_with_removed(3, 0)
+    for k in (1, 2, 3):
+        every = np.vstack([every, all_masks_with_removed(3, k)])
+    truth = evaluate_masks(gated, every, ctx.scoring, ctx.task).loss
+    np.testing.assert_allclose(sur.predict(every), truth, rtol=1e-10)
+
+
+def test_superposition_reproduces_its_measurements(small):
+    # nothing is fitted: the all-ones and single-edge masks are predicted as measured, and the all-zeros mask
+    # exactly too, because the random graph's classifier is linear in the end blocks it sums
+    _, graph, gated, ctx = small
+    e = graph.num_prunable
+    fit = prior_design(e)
+    measured = evaluate_masks(gated, fit, ctx.scoring, ctx.task, keep_outputs=True)
+    kctx = Context(graph, gated, ctx.scoring, ctx.task, fit, measured.loss, measured.outputs, memo={})
+    sur = make_surrogate("superposition", kctx).fit(fit, measured.loss)
+    np.testing.assert_allclose(sur.predict(fit), measured.loss, rtol=1e-5)
+    np.testing.assert_allclose(sur.importance, measured.loss[2:] - measured.loss[0], atol=1e-5)
+    # outputs reused from the fitting masks equal outputs measured by the context itself
+    fresh = Context(graph, gated, ctx.scoring, ctx.task, memo={})
+    for a, b in zip(kctx.single_edge_outputs(), fresh.single_edge_outputs()):
+        torch.testing.assert_close(a, b)
+
+
+def test_superposition_prediction_of_disconnected_masks_is_a_constant_output(small):
+    _, graph, gated, ctx = small
+    e = graph.num_prunable
+    sur = make_surrogate("superposition", ctx).fit(prior_design(e), np.zeros(e + 2))
+    masks = bernoulli_masks(e, 200, 0.3, seed=5)
+    disc = ~graph.connected(masks)
+    assert disc.sum() > 5
+    # a constant output's loss cannot be below the entropy of the labels (the best constant predictor)
+    p = torch.bincount(ctx.scoring.targets, minlength=4).double() / len(ctx.scoring)
+    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+    assert (sur.predict(masks[disc]) >= entropy - 1e-9).all()
