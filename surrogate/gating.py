@@ -9,6 +9,9 @@ so the all-ones mask reproduces the traced model bit for bit.
 ``prune(graph, mask)`` builds a smaller module in which cut edges are not computed: a cut term of an add is
 dropped, any other cut tensor becomes a constant (zeros or ones), and dead-code elimination removes every
 operation and parameter that only fed removed edges.
+
+Head edges (``build_graph(heads=...)``) gate the chunks of an output projection's input one by one; pruning
+them drops the removed heads' input columns from the projection's weight.
 """
 from __future__ import annotations
 
@@ -21,9 +24,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .graph import MERGE_OPS, ComputationGraph, Edge, _canonical_op
+from .graph import MERGE_OPS, ComputationGraph, Edge, HeadSplit, _canonical_op
 
-__all__ = ["GatedModel", "prune", "check_mask"]
+__all__ = ["GatedModel", "prune", "check_mask", "EmptyProjection"]
 
 _GATES_ATTR = "_surrogate_gates"
 
@@ -50,6 +53,32 @@ def _gate(x: torch.Tensor, gates: torch.Tensor | tuple[float, ...], index: int, 
 
 
 torch.fx.wrap("_gate")
+
+
+def _gate_heads(x: torch.Tensor, gates: torch.Tensor | tuple[float, ...], indices: tuple[int, ...]
+                ) -> torch.Tensor:
+    """Gate chunk k of the last dimension of ``x`` (len(indices) equal chunks, one per head) by
+    gates[..., indices[k]]; index -1 marks a head that is not prunable (gate 1). Gates as in ``_gate``."""
+    n = len(indices)
+    if isinstance(gates, tuple):
+        values = [1.0 if i < 0 else gates[i] for i in indices]
+        if all(v == 1.0 for v in values):
+            return x  # the all-ones mask leaves the model bit for bit unchanged
+        g = torch.tensor(values, dtype=x.dtype, device=x.device)
+    else:
+        ones = gates.new_ones(gates.shape[:-1] + (1,))  # index -1 picks this constant 1 (differentiable)
+        g = torch.cat([gates, ones], -1)[..., list(indices)].to(x.dtype)
+    if g.dim() == 1:
+        return (x.unflatten(-1, (n, -1)) * g.unsqueeze(-1)).flatten(-2)
+    m = g.shape[0]  # M masks: x holds M consecutive copies of the data batch along dim 0
+    if x.dim() < 2 or x.shape[0] % m:
+        raise RuntimeError(f"cannot apply {m} masks to a tensor of shape {tuple(x.shape)}: a batch of masks "
+                           "needs every gated tensor to carry the batch in dimension 0")
+    xs = x.unflatten(0, (m, -1)).unflatten(-1, (n, -1))             # (M, B, ..., heads, head dim)
+    return (xs * g.view(m, *([1] * (x.dim() - 1)), n, 1)).flatten(-2).flatten(0, 1)
+
+
+torch.fx.wrap("_gate_heads")
 
 
 def _neutral_one(edge: Edge) -> bool:
@@ -96,10 +125,15 @@ class GatedModel(nn.Module):
         src = graph.module
         g = copy.deepcopy(src.graph)
         by_name = {n.name: n for n in g.nodes}
-        first = next(n for n in g.nodes if n.op != "placeholder")
-        with g.inserting_before(first):
+        # after the inputs (torch.export puts parameter reads before them): a gated input is read after it
+        last_input = [n for n in g.nodes if n.op == "placeholder"][-1]
+        with g.inserting_after(last_input):
             gates_node = g.get_attr(_GATES_ATTR)
+        heads: dict[str, list[int]] = {}  # projection vertex -> prunable index of each head (-1: not gated)
         for i, edge in enumerate(graph.prunable):
+            if edge.part is not None:
+                heads.setdefault(edge.dst, [-1] * edge.part[1])[edge.part[0]] = i
+                continue
             made: dict[str, fx.Node] = {}
             for p, c in edge.links:
                 producer, consumer = by_name[p], by_name[c]
@@ -108,6 +142,14 @@ class GatedModel(nn.Module):
                     with g.inserting_after(after):
                         made[p] = g.call_function(_gate, (producer, gates_node, i, _neutral_one(edge)))
                 consumer.replace_input_with(producer, made[p])
+        for v, indices in heads.items():  # one gate node per projection input, gating each head's chunk
+            split = graph.head_splits[v]
+            producer = by_name[split.input]
+            after = producer if producer.op != "placeholder" else gates_node
+            with g.inserting_after(after):
+                gated = g.call_function(_gate_heads, (producer, gates_node, tuple(indices)))
+            for c in {c for e in graph.edges if e.dst == v for _, c in e.links}:
+                by_name[c].replace_input_with(producer, gated)
         g.lint()
         setattr(src, _GATES_ATTR, None)  # the attribute the get_attr node reads; set per forward call
         try:
@@ -172,16 +214,26 @@ torch.fx.wrap("_zeros")
 def prune(graph: ComputationGraph, mask: Any) -> fx.GraphModule:
     """A physically smaller copy of the model with the edges where ``mask`` is 0 removed.
 
-    Its outputs equal ``GatedModel(graph)(x, mask=mask)``. Parameters that only fed removed edges are
-    gone. The result is an independent module (a deep copy): fine-tuning it leaves the original alone.
+    Its outputs equal ``GatedModel(graph)(x, mask=mask)`` (bit for bit, except that an output projection
+    with removed heads sums over fewer input columns, which can change the last bits). Parameters that only
+    fed removed edges are gone. An output projection with removed heads is replaced, at the same module
+    path, by a module of the same class with only the kept heads' input columns (fed with those chunks of
+    its input); with every head removed, by an ``EmptyProjection`` (its bias). The query/key/value
+    projections of a removed head stay: they are one fused matmul shared with the kept heads, and only a
+    projection with no kept head lets dead-code elimination remove the attention that feeds it.
+    The result is an independent module (a deep copy): fine-tuning it leaves the original alone.
     """
     m = check_mask(mask, graph.num_prunable, binary=True, batch=False)
     g = copy.deepcopy(graph.module.graph)
     by_name = {n.name: n for n in g.nodes}
     ref = next(n for n in g.nodes if n.op == "placeholder")
     ref_shape = graph.node_info[ref.name][0]
+    removed_heads: dict[str, set[int]] = {}  # projection vertex -> removed heads
     for i, edge in enumerate(graph.prunable):
         if m[i] == 1:
+            continue
+        if edge.part is not None:
+            removed_heads.setdefault(edge.dst, set()).add(edge.part[0])
             continue
         one = _neutral_one(edge)
         for p, c in edge.links:
@@ -193,7 +245,12 @@ def prune(graph: ComputationGraph, mask: Any) -> fx.GraphModule:
                 const = g.call_function(_zeros, (ref, shape, ref_shape, dtype, 1.0 if one else 0.0))
             consumer.replace_input_with(producer, const)
     pruned = fx.GraphModule(graph.module, g)
+    smaller = [_prune_heads(pruned, graph, graph.head_splits[v], removed, by_name, ref, ref_shape)
+               for v, removed in removed_heads.items()]
     pruned.graph.eliminate_dead_code(is_impure_node=_has_side_effect)
+    for path, module in smaller:  # only now: the dead nodes read the old projection's weight
+        _unshare_parents(pruned, graph.module, path)
+        pruned.add_submodule(path, module)
     pruned.graph.lint()
     pruned.recompile()
     pruned.delete_all_unused_submodules()
@@ -242,3 +299,81 @@ def _drop_term(consumer: fx.Node, producer: fx.Node, graph: ComputationGraph, on
         return False  # the op broadcasts or promotes the dtype: replace b by a constant instead
     consumer.op, consumer.target, consumer.args, consumer.kwargs = "call_function", _keep, (keep,), {}
     return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention heads
+
+class EmptyProjection(nn.Module):
+    """An output projection whose every head was removed: its output is its bias (zeros without one)."""
+    in_features = 0
+
+    def __init__(self, bias: torch.Tensor | None):
+        super().__init__()
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), bias.requires_grad)
+
+    def forward(self, zeros: torch.Tensor) -> torch.Tensor:  # zeros of the output's shape
+        return zeros if self.bias is None else zeros + self.bias
+
+
+def _take_heads(x: torch.Tensor, heads: tuple[int, ...], num_heads: int) -> torch.Tensor:
+    """The chunks ``heads`` (of ``num_heads`` equal chunks) of the last dimension of x, contiguous
+    (transformers' Conv1D views its input)."""
+    d = x.shape[-1] // num_heads
+    cols = torch.cat([torch.arange(k * d, (k + 1) * d, device=x.device) for k in heads])
+    return x.index_select(-1, cols)
+
+
+torch.fx.wrap("_take_heads")
+
+
+def _smaller_projection(module: nn.Module, split: HeadSplit, kept: tuple[int, ...]) -> nn.Module:
+    """A copy of the projection (weight, optional bias) restricted to the input columns of ``kept``."""
+    weight, bias = module.weight.detach(), getattr(module, "bias", None)
+    d = (weight.shape[1] if split.layout == "linear" else weight.shape[0]) // split.heads
+    cols = torch.cat([torch.arange(k * d, (k + 1) * d, device=weight.device) for k in kept])
+    if split.layout == "linear":  # weight (out, in)
+        new: nn.Module = nn.Linear(len(cols), weight.shape[0], bias=bias is not None, device=weight.device,
+                                   dtype=weight.dtype)
+        new.weight.data.copy_(weight.index_select(1, cols))
+    else:  # transformers' Conv1D: weight (in, out), always with a bias
+        from transformers.pytorch_utils import Conv1D
+        new = Conv1D(weight.shape[1], len(cols)).to(device=weight.device, dtype=weight.dtype)
+        new.weight.data.copy_(weight.index_select(0, cols))
+    if bias is not None:
+        new.bias.data.copy_(bias.detach())
+    return new.requires_grad_(module.weight.requires_grad)  # a frozen model stays frozen
+
+
+def _prune_heads(pruned: fx.GraphModule, graph: ComputationGraph, split: HeadSplit, removed: set[int],
+                 by_name: dict[str, fx.Node], ref: fx.Node, ref_shape: tuple[int, ...]
+                 ) -> tuple[str, nn.Module]:
+    """Rewrite the projection call of ``split`` in ``pruned`` as a call of a smaller module at the same
+    path; returns (path, module) for the caller to install after dead-code elimination. The projection's
+    output node keeps its name and users; its old computation becomes dead code."""
+    path = split.vertex.split("@")[0]
+    module = graph.module.get_submodule(path)
+    out = by_name[split.output]
+    kept = tuple(k for k in range(split.heads) if k not in removed)
+    with pruned.graph.inserting_before(out):
+        if kept:
+            small = _smaller_projection(module, split, kept)
+            arg = pruned.graph.call_function(_take_heads, (by_name[split.input], kept, split.heads))
+        else:  # no head left: nothing reads the input, so the attention feeding it is dead code
+            small = EmptyProjection(getattr(module, "bias", None))
+            shape, dtype = graph.node_info[split.output]
+            arg = pruned.graph.call_function(_zeros, (ref, shape, ref_shape, dtype, 0.0))
+    out.op, out.target, out.args, out.kwargs = "call_module", path, (arg,), {}
+    return path, small
+
+
+def _unshare_parents(pruned: nn.Module, source: nn.Module, path: str) -> None:
+    """fx.GraphModule shares the source's submodules; copy any module on the way to ``path`` that is
+    shared, so that replacing ``path`` in ``pruned`` never edits the original model."""
+    parent, src = pruned, source
+    for item in path.split(".")[:-1]:
+        child, src_child = getattr(parent, item), getattr(src, item)
+        if child is src_child:
+            child = copy.deepcopy(child)
+            setattr(parent, item, child)
+        parent, src = child, src_child

@@ -6,7 +6,8 @@ or Linear, and one per free-standing tensor operation such as an ``add`` or ``ca
 tensor that flows from one vertex into another. A subset of the edges is *prunable*: by default the
 inputs of every merge (residual add, concatenation, elementwise product of two branches); optionally
 every edge. Names are module paths, so ``"layer1.0.bn2 -> layer1.0.add"`` reads as "the residual branch
-of block layer1.0".
+of block layer1.0". Optionally (``heads=``) the input of an attention output projection is split into one
+prunable edge per attention head, named ``"... -> h.0.attn.c_proj[head 1]"``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import operator
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["Vertex", "Edge", "ComputationGraph", "TraceError", "build_graph", "trace"]
+__all__ = ["Vertex", "Edge", "HeadSplit", "ComputationGraph", "TraceError", "build_graph", "trace"]
 
 
 class TraceError(RuntimeError):
@@ -117,15 +118,30 @@ class Vertex:
 
 @dataclass(frozen=True)
 class Edge:
-    """Data flow from vertex ``src`` into vertex ``dst`` (one or more fx tensors)."""
+    """Data flow from vertex ``src`` into vertex ``dst`` (one or more fx tensors).
+
+    ``part = (k, n)``: the edge is only the k-th of n equal chunks of the last dimension of that tensor
+    (attention head k of an output projection's input, see ``build_graph(heads=...)``); the n chunk edges
+    share ``links``."""
     src: str
     dst: str
     links: tuple[tuple[str, str], ...] = field(repr=False)  # (producer node, consumer node) pairs
     merge: str | None = None  # canonical merge op of the consumer ("add", "cat", "mul", ...) if any
+    part: tuple[int, int] | None = None  # (head index, number of heads) of a head edge
 
     @property
     def name(self) -> str:
-        return f"{self.src} -> {self.dst}"
+        return f"{self.src} -> {self.dst}" + (f"[head {self.part[0]}]" if self.part is not None else "")
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """An attention output projection whose input is split into one prunable edge per head."""
+    vertex: str                         # the projection's vertex; its module path is the part before "@"
+    layout: Literal["linear", "conv1d"]  # weight (out, in) as nn.Linear or (in, out) as transformers' Conv1D
+    heads: int
+    input: str                          # fx node of the projection's input (last dim = heads * head dim)
+    output: str                         # fx node of the projection's output
 
 
 # canonical op name -> value a removed input is replaced by (its neutral element)
@@ -164,6 +180,7 @@ class ComputationGraph:
     tracer: str
     example_inputs: tuple[torch.Tensor, ...] = field(repr=False)
     node_info: dict[str, Any] = field(repr=False, default_factory=dict)  # node -> (shape, dtype) | None
+    head_splits: dict[str, HeadSplit] = field(repr=False, default_factory=dict)  # projection vertex -> split
 
     # -- lookups ---------------------------------------------------------------------------------
     @property
@@ -197,10 +214,10 @@ class ComputationGraph:
         return self.vertices[-1].name
 
     def successors(self, name: str) -> list[str]:
-        return [e.dst for e in self.edges if e.src == name]
+        return list(dict.fromkeys(e.dst for e in self.edges if e.src == name))  # head edges are parallel
 
     def predecessors(self, name: str) -> list[str]:
-        return [e.src for e in self.edges if e.dst == name]
+        return list(dict.fromkeys(e.src for e in self.edges if e.dst == name))
 
     def mask_from_removed(self, removed: Iterable[str | int]) -> torch.Tensor:
         """All-ones mask with the named (or indexed) prunable edges set to 0."""
@@ -336,8 +353,8 @@ def _vertex_rule(rule: VertexRule, model: nn.Module) -> Callable[[str], bool]:
 
 def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
                 vertices: VertexRule = None, edges: EdgeRule = "merge",
-                exclude: str | None = None, tracer: Literal["auto", "fx", "export"] = "auto"
-                ) -> ComputationGraph:
+                exclude: str | None = None, tracer: Literal["auto", "fx", "export"] = "auto",
+                heads: Mapping[str, int] | None = None) -> ComputationGraph:
     """Build the computation graph of ``model``.
 
     vertices: how fx operations group into vertices. None: one vertex per leaf-module call and per
@@ -347,7 +364,15 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
     edges: which edges are prunable. "merge": every floating-point input of a merge op (add, sub, cat,
         stack, and mul of two computed tensors) that has at least two such inputs; "all": every
         floating-point edge except those into the output; or a predicate on Edge.
-    exclude: optional regular expression; prunable edges whose name matches it are not gated.
+    exclude: optional regular expression; prunable edges whose name matches it are not gated (head edges
+        included).
+    heads: optional {pattern: number of heads}. Every module whose path (as in ``model.named_modules()``)
+        matches a pattern (``re.search``, e.g. ``r"attn\.c_proj$"`` for GPT-2, ``r"self_attn\.o_proj$"`` for
+        Llama) is an attention output projection (nn.Linear or transformers' Conv1D, called once): its
+        input is split into that many equal chunks of the last dimension, one prunable edge per head,
+        ``"<src> -> <projection>[head k]"``. These edges replace the projection's single input edge (in
+        ``edges`` and, whatever ``edges=`` chose, among the prunable edges); removing every head of a
+        projection cuts that path.
     """
     inputs = _as_tuple(example_inputs)
     gm, used = trace(model, inputs, tracer)
@@ -437,11 +462,89 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
             raise ValueError(f"edges {bad[:3]} carry non-floating-point tensors and cannot be gated")
     else:
         raise ValueError(f"edges must be 'merge', 'all' or a predicate on Edge, got {edges!r}")
+    splits: dict[str, HeadSplit] = {}
+    if heads:
+        all_edges, splits = _split_heads(model, heads, all_edges, vert, info, by_name)
+        chosen = {e.name for e in pick}  # a split edge's name is gone: its head edges replace it
+        pick = [e for e in all_edges if e.name in chosen or e.part is not None]
     if exclude is not None:
         pick = [e for e in pick if not re.search(exclude, e.name)]
     if not pick:
         warnings.warn(f"{type(model).__name__}: no prunable edges were found with edges={edges!r}")
-    return ComputationGraph(gm, vert, all_edges, pick, used, inputs, info)
+    return ComputationGraph(gm, vert, all_edges, pick, used, inputs, info, splits)
+
+
+def _projection_layout(module: nn.Module) -> Literal["linear", "conv1d"] | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    # transformers' Conv1D (GPT-2): forward = x @ weight + bias with weight (in, out); matched by name so
+    # that transformers stays an optional dependency
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return "conv1d"
+    return None
+
+
+def _split_heads(model: nn.Module, heads: Mapping[str, int], edges: list[Edge], vertices: list[Vertex],
+                 info: dict[str, Any], by_name: dict[str, fx.Node]
+                 ) -> tuple[list[Edge], dict[str, HeadSplit]]:
+    """Replace the input edge of every matching output projection by one edge per head."""
+    modules = dict(model.named_modules())
+    target: dict[str, int] = {}  # module path -> heads
+    for pattern, n in heads.items():
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"heads[{pattern!r}] must be a positive int (the number of heads), got {n!r}")
+        hits = [p for p in modules if p and re.search(pattern, p)]
+        if not hits:
+            linear = [p for p, m in modules.items() if p and _projection_layout(m) is not None][:6]
+            raise ValueError(f"heads pattern {pattern!r} matches no module path of {type(model).__name__} "
+                             f"(re.search on model.named_modules() paths; Linear/Conv1D modules are e.g. "
+                             f"{', '.join(linear) or 'none'})")
+        for p in hits:
+            if p in target:
+                raise ValueError(f"module {p!r} matches more than one heads pattern")
+            target[p] = n
+    vnames = {v.name: v for v in vertices}
+    data = {x for v in vertices for x in v.nodes}  # shape arithmetic (sym_size, ...) is not data
+    splits: dict[str, HeadSplit] = {}
+    for path, n in target.items():
+        layout = _projection_layout(modules[path])
+        if layout is None:
+            raise TypeError(f"heads: {path!r} is a {type(modules[path]).__name__}; supported output projections "
+                            "are torch.nn.Linear and transformers.pytorch_utils.Conv1D")
+        calls = [v for v in vnames if v == path or v.startswith(path + "@")]
+        if not calls:
+            raise ValueError(f"heads: module {path!r} is not a vertex of the traced graph (never called, or "
+                             "grouped into a larger vertex: build with vertices=None)")
+        if len(calls) > 1:
+            raise ValueError(f"heads: module {path!r} is called {len(calls)} times (shared weights); head "
+                             "pruning needs one call per projection")
+        v = calls[0]
+        ins = [e for e in edges if e.dst == v]
+        producers = {p for e in ins for p, _ in e.links}
+        inside = set(vnames[v].nodes)
+        outs = [x for x in inside if any(u.name in data and u.name not in inside for u in by_name[x].users)]
+        if len(ins) != 1 or len(producers) != 1 or len(outs) != 1:
+            raise ValueError(f"heads: the call of {path!r} does not look like a projection of one tensor "
+                             f"({len(producers)} input tensors, {len(outs)} outputs)")
+        (p,) = producers
+        width = info[p][0][-1] if isinstance(info.get(p), tuple) and info[p][0] else None
+        weight = modules[path].weight
+        in_features = weight.shape[1] if layout == "linear" else weight.shape[0]
+        if width != in_features:
+            raise ValueError(f"heads: the input of {path!r} has last dimension {width}, the module expects "
+                             f"{in_features}")
+        if width % n:
+            raise ValueError(f"heads: the input of {path!r} has {width} features, which is not divisible into "
+                             f"{n} heads")
+        splits[v] = HeadSplit(v, layout, n, p, outs[0])
+    result: list[Edge] = []
+    for e in edges:
+        if e.dst in splits:
+            result += [Edge(e.src, e.dst, e.links, e.merge, (k, splits[e.dst].heads))
+                       for k in range(splits[e.dst].heads)]
+        else:
+            result.append(e)
+    return result, splits
 
 
 _PASS_THROUGH = {"to", "alias", "contiguous", "detach", "type_as", "_to_copy", "clone", "lift_fresh_copy"}
