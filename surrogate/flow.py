@@ -185,7 +185,11 @@ _CAT = {"cat", "concat", "concatenate", "stack"}
 @torch.no_grad()
 def measure_shares(graph: ComputationGraph, inputs: torch.Tensor, batch_size: int = 512) -> np.ndarray:
     """The share c_e of every edge of ``graph.edges`` in its destination's combined input (see module doc),
-    averaged over ``inputs`` (one forward pass, no masks)."""
+    averaged over ``inputs`` (one forward pass, no masks).
+
+    An attention output projection split into heads (``graph.head_splits``) is linear in its input,
+    y = sum_k x_k W_k + b, so it is treated as a sum whose terms are the heads' contributions x_k W_k (the
+    bias is no input edge): c_k = <x_k W_k, y0> / <y0, y0> with y0 = sum_k x_k W_k."""
     by_dst: dict[str, list[int]] = {}
     for i, e in enumerate(graph.edges):
         by_dst.setdefault(e.dst, []).append(i)
@@ -194,11 +198,24 @@ def measure_shares(graph: ComputationGraph, inputs: torch.Tensor, batch_size: in
     for v, idx in by_dst.items():
         if len(idx) < 2:
             kinds[v] = "single"
-            continue
-        ops = {_canonical_op(nodes[c]) for i in idx for _, c in graph.edges[i].links}
-        kinds[v] = "sum" if ops <= _SUM else "cat" if ops <= _CAT else "equal"
+        elif v in graph.head_splits:
+            kinds[v] = "heads"
+        else:
+            ops = {_canonical_op(nodes[c]) for i in idx for _, c in graph.edges[i].links}
+            kinds[v] = "sum" if ops <= _SUM else "cat" if ops <= _CAT else "equal"
     wanted = {p for v, idx in by_dst.items() if kinds[v] in ("sum", "cat")
               for i in idx for p, _ in graph.edges[i].links}
+    wanted |= {graph.head_splits[v].input for v, k in kinds.items() if k == "heads"}
+
+    def head_terms(v: str, x: torch.Tensor) -> list[torch.Tensor]:
+        """The contribution x_k W_k of each head k to the output of projection ``v`` (no bias)."""
+        split = graph.head_splits[v]
+        weight = graph.module.get_submodule(split.vertex.split("@")[0]).weight.detach().double()
+        if split.layout == "linear":  # weight (out, in); Conv1D's is (in, out)
+            weight = weight.T
+        chunks = x.unflatten(-1, (split.heads, -1))      # (..., heads, head dim)
+        rows = weight.unflatten(0, (split.heads, -1))    # (heads, head dim, out)
+        return [chunks[..., k, :] @ rows[k] for k in range(split.heads)]
     num = np.zeros(len(graph.edges))
     den = {v: 0.0 for v in by_dst}
     acts: dict[str, torch.Tensor] = {}
@@ -215,6 +232,13 @@ def measure_shares(graph: ComputationGraph, inputs: torch.Tensor, batch_size: in
         acts.clear()
         rec.run(inputs[b0:b0 + batch_size])
         for v, idx in by_dst.items():
+            if kinds[v] == "heads":
+                terms = head_terms(v, acts[graph.head_splits[v].input])
+                y = torch.stack(terms).sum(0)
+                den[v] += float((y * y).sum())
+                for i in idx:
+                    num[i] += float((terms[graph.edges[i].part[0]] * y).sum())
+                continue
             if kinds[v] not in ("sum", "cat"):
                 continue
             xs = [sum(acts[p] for p in dict.fromkeys(p for p, _ in graph.edges[i].links)) for i in idx]
@@ -232,6 +256,6 @@ def measure_shares(graph: ComputationGraph, inputs: torch.Tensor, batch_size: in
     for v, idx in by_dst.items():
         if kinds[v] == "equal":
             shares[idx] = 1.0 / len(idx)
-        elif kinds[v] in ("sum", "cat"):
+        elif kinds[v] in ("sum", "cat", "heads"):
             shares[idx] = num[idx] / den[v] if den[v] > 0 else 1.0 / len(idx)
     return shares

@@ -36,6 +36,17 @@ def _short(name: str, parts: int = 2) -> str:
     return ".".join(name.split(".")[-parts:])
 
 
+def _fan_out(graph: "ComputationGraph", spread: float = 0.5) -> dict[int, float]:
+    """Arc curvature of every edge that shares both of its vertices with other edges (the heads of an
+    attention output projection), so that each stays visible: the k parallel edges fan out evenly over
+    [-spread/2, spread/2]. Keyed by the edge's index in ``graph.edges``; other edges are left out."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, e in enumerate(graph.edges):
+        groups.setdefault((e.src, e.dst), []).append(i)
+    return {i: spread * (j / (len(idx) - 1) - 0.5)
+            for idx in groups.values() if len(idx) > 1 for j, i in enumerate(idx)}
+
+
 def draw_graph(graph: "ComputationGraph", ax=None, importances: Sequence[float] | None = None,
                label_vertices: bool = True, cmap: str = "viridis", label: Callable[[str], str] | None = None):
     """Draw the vertex graph left to right. Prunable edges are thick (coloured by ``importances`` if
@@ -57,16 +68,18 @@ def draw_graph(graph: "ComputationGraph", ax=None, importances: Sequence[float] 
                              f"got shape {imp.shape}")
         norm = colors.Normalize(vmin=float(imp.min()), vmax=float(imp.max()) + 1e-12)
         mapper = cm.ScalarMappable(norm=norm, cmap=cmap)
-    for e in graph.edges:
+    fan = _fan_out(graph)
+    for i, e in enumerate(graph.edges):
         (x0, y0), (x1, y1) = pos[e.src], pos[e.dst]
         if e.name in gate:
             color = mapper.to_rgba(imp[gate[e.name]]) if importances is not None else "tab:red"
             ax.annotate("", xy=(x1, y1), xytext=(x0, y0), zorder=2,
                         arrowprops=dict(arrowstyle="-|>", color=color, lw=2.2, shrinkA=6, shrinkB=6,
-                                        connectionstyle="arc3,rad=0.08"))
+                                        connectionstyle=f"arc3,rad={fan.get(i, 0.08)}"))
         else:
             ax.annotate("", xy=(x1, y1), xytext=(x0, y0), zorder=1,
-                        arrowprops=dict(arrowstyle="-", color="0.75", lw=0.8, shrinkA=4, shrinkB=4))
+                        arrowprops=dict(arrowstyle="-", color="0.75", lw=0.8, shrinkA=4, shrinkB=4,
+                                        connectionstyle=f"arc3,rad={fan.get(i, 0.0)}"))
     style = {"input": ("tab:green", "s"), "output": ("tab:blue", "s"), "module": ("0.3", "o"),
              "op": ("tab:orange", "D")}
     for v in graph.vertices:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .evaluate import Subset, Task, evaluate_masks
 from .gating import GatedModel, prune
-from .graph import ComputationGraph, build_graph
+from .graph import ComputationGraph, HeadSplit, build_graph
 from .masks import prior_design, sparsity_masks
 from .scorers import SCORERS, AdditivePredictor, Context, Predictor, score
 from .surrogates import SURROGATES, make_surrogate
@@ -38,7 +38,9 @@ class CostModel:
     """Exact parameter and MAC counts of the physically pruned network of any mask, without building it.
 
     A vertex (and its parameters) survives pruning iff some path of kept edges leads from it to the output;
-    the per-vertex MACs are measured once on the example inputs."""
+    the per-vertex MACs are measured once on the example inputs. A surviving attention output projection
+    (``build_graph(heads=...)``) loses, per removed head, that head's input columns of its weight and the
+    same share of its matmul, as ``prune`` does."""
 
     def __init__(self, graph: ComputationGraph):
         self.graph = graph
@@ -74,11 +76,18 @@ class CostModel:
             groups[tuple(sorted(vs))] = groups.get(tuple(sorted(vs)), 0) + numel
         self._param_groups = [(np.array(k, dtype=np.int64), n) for k, n in groups.items()]
         self.fixed_params = self.total_params - sum(groups.values())  # parameters no node uses
-        self._mac_groups = self._measure_macs(feeds)
+        node_macs = self._measure_macs()
+        macs: dict[tuple[int, ...], int] = {}
+        for name, n in node_macs.items():
+            key = tuple(sorted(feeds[name]))
+            macs[key] = macs.get(key, 0) + n
+        self._mac_groups = [(np.array(k, dtype=np.int64), n) for k, n in macs.items()]
+        self._heads = [self._head_costs(split, gate, node_macs) for split in graph.head_splits.values()]
         self.batch = int(graph.example_inputs[0].shape[0])
 
-    def _measure_macs(self, feeds: dict[str, frozenset[int]]) -> list[tuple[np.ndarray, int]]:
-        groups: dict[tuple[int, ...], int] = {}
+    def _measure_macs(self) -> dict[str, int]:
+        """MACs of every fx node (nodes without any left out) on the example inputs."""
+        node_macs: dict[str, int] = {}
 
         class _Count(fx.Interpreter):
             def run_node(self, n: fx.Node) -> Any:
@@ -86,13 +95,25 @@ class CostModel:
                     out = super().run_node(n)
                 macs = fc.get_total_flops() // 2
                 if macs:
-                    key = tuple(sorted(feeds[n.name]))
-                    groups[key] = groups.get(key, 0) + macs
+                    node_macs[n.name] = macs
                 return out
 
         with torch.no_grad():
             _Count(self.graph.module).run(*self.graph.example_inputs)
-        return [(np.array(k, dtype=np.int64), n) for k, n in groups.items()]
+        return node_macs
+
+    def _head_costs(self, split: HeadSplit, gate: dict[str, int], node_macs: dict[str, int]
+                    ) -> tuple[int, np.ndarray, int, int]:
+        """(projection vertex, gate of each head (-1: not prunable), weight parameters per head, MACs per
+        head). The projection's vertex is one Linear / Conv1D call whose only MACs are its matmul, which
+        is linear in the number of input columns, so each head carries exactly 1/heads of both."""
+        gates = np.full(split.heads, -1, dtype=np.int64)
+        for e in self.graph.edges:
+            if e.dst == split.vertex and e.part is not None:
+                gates[e.part[0]] = gate.get(e.name, -1)
+        weight = self.graph.module.get_submodule(split.vertex.split("@")[0]).weight
+        macs = sum(node_macs.get(n, 0) for n in self.graph.vertex(split.vertex).nodes)
+        return self._index[split.vertex], gates, weight.numel() // split.heads, macs // split.heads
 
     def alive(self, masks: np.ndarray) -> np.ndarray:
         """(M, V) whether each vertex still feeds the output under each mask."""
@@ -107,10 +128,19 @@ class CostModel:
     def cost(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(parameters, MACs per example) of each mask's pruned network."""
         live = self.alive(masks)
-        params = self.fixed_params + sum(n * live[:, vs].any(1) for vs, n in self._param_groups)
-        macs = sum(n * live[:, vs].any(1) for vs, n in self._mac_groups)
-        return (np.asarray(params, dtype=np.int64) + np.zeros(len(live), dtype=np.int64),
-                np.asarray(macs, dtype=np.int64) // max(1, self.batch) + np.zeros(len(live), dtype=np.int64))
+        kept = np.atleast_2d(np.asarray(masks) > 0.5)
+        params = np.full(len(live), self.fixed_params, dtype=np.int64)
+        macs = np.zeros(len(live), dtype=np.int64)
+        for vs, n in self._param_groups:
+            params += n * live[:, vs].any(1)
+        for vs, n in self._mac_groups:
+            macs += n * live[:, vs].any(1)
+        for v, gates, head_params, head_macs in self._heads:
+            # a dead projection is already not counted; a live one drops its removed heads' columns
+            removed = (~kept[:, gates[gates >= 0]]).sum(1) * live[:, v]
+            params -= head_params * removed
+            macs -= head_macs * removed
+        return params, macs // max(1, self.batch)
 
 
 def _get_attr(module: nn.Module, target: str) -> Any:
@@ -200,14 +230,18 @@ def auto_prune(model: nn.Module, scoring: Subset, task: Task, budget: Budget, *,
                method: str = "graph_flow", edges: Any = "merge", vertices: Any = None,
                extra_masks: int = 0, search: Literal["auto", "greedy", "beam"] = "auto",
                finetune_steps: int = 0, train_data: Subset | None = None, seed: int = 0,
-               batch_size: int = 256) -> PruneResult:
+               batch_size: int = 256, heads: Mapping[str, int] | None = None) -> PruneResult:
     """One call for the common case: build the graph, measure the fitting masks on the small scoring
     subset (|E|+2, plus ``extra_masks`` random masks removing 5-25% of the edges), fit ``method`` (a
     surrogate or a scorer name), choose the mask under ``budget``, remove it physically, and optionally
-    fine-tune for ``finetune_steps`` on ``train_data``."""
+    fine-tune for ``finetune_steps`` on ``train_data``.
+
+    ``vertices``, ``edges`` and ``heads`` are passed to ``build_graph``: ``heads={pattern: number of
+    heads}`` adds one prunable edge per attention head of every output projection whose module path
+    matches the pattern (e.g. ``{r"attn\\.c_proj$": 12}`` for GPT-2), so that whole heads can be removed."""
     from .train import finetune
     example = scoring.inputs[: min(2, len(scoring))]
-    graph = build_graph(model, example, vertices=vertices, edges=edges)
+    graph = build_graph(model, example, vertices=vertices, edges=edges, heads=heads)
     gated = GatedModel(graph)
     e = graph.num_prunable
     fit = np.zeros((0, e), dtype=np.float32)

@@ -242,17 +242,25 @@ def _hessian_rows(g: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def edge_activation_l1(ctx: Context) -> np.ndarray:
-    """Mean absolute value of each prunable edge's tensor over the scoring subset (summed over links)."""
+    """Mean absolute value of each prunable edge's tensor over the scoring subset (summed over links). A
+    head edge (``e.part = (k, n)``) only carries chunk k of the n chunks of the last dimension: its score is
+    that chunk's mean absolute value."""
     graph = ctx.graph
-    wanted = {p for e in graph.prunable for p, _ in e.links}
-    sums = {p: 0.0 for p in wanted}
+    parts: dict[str, set[tuple[int, int] | None]] = {}  # producer node -> parts of it that edges carry
+    for e in graph.prunable:
+        for p, _ in e.links:
+            parts.setdefault(p, set()).add(e.part)
+    sums = {(p, part): 0.0 for p, ps in parts.items() for part in ps}
     weight = 0
 
     class _Rec(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
-            if n.name in wanted and isinstance(out, torch.Tensor):
-                sums[n.name] += float(out.detach().abs().double().mean()) * weight
+            if n.name in parts and isinstance(out, torch.Tensor):
+                a = out.detach().abs().double()
+                for part in parts[n.name]:
+                    x = a if part is None else a.unflatten(-1, (part[1], -1))[..., part[0], :]
+                    sums[(n.name, part)] += float(x.mean()) * weight
             return out
 
     rec = _Rec(graph.module)
@@ -261,7 +269,7 @@ def edge_activation_l1(ctx: Context) -> np.ndarray:
         weight = len(x)
         rec.run(x)
     n = len(ctx.scoring)
-    return np.array([sum(sums[p] for p in {p for p, _ in e.links}) / n for e in graph.prunable])
+    return np.array([sum(sums[(p, e.part)] for p in {p for p, _ in e.links}) / n for e in graph.prunable])
 
 
 def exclusive_param_l1(ctx: Context) -> np.ndarray:

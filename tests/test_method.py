@@ -458,3 +458,173 @@ def test_superposition_prediction_of_disconnected_masks_is_a_constant_output(sma
     p = torch.bincount(ctx.scoring.targets, minlength=4).double() / len(ctx.scoring)
     entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
     assert (sur.predict(masks[disc]) >= entropy - 1e-9).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention heads as prunable edges (build_graph(heads=...)) in the consumers of the graph
+
+GPT2_HEADS = {r"attn\.c_proj$": 2}  # gpt2_small_random(n_head=2): 2 heads of width 16
+
+
+@pytest.fixture(scope="module")
+def gpt2_heads():
+    """A tiny random GPT-2 with its graph split into heads, and a few random token sequences."""
+    from surrogate.models import CausalLMLogits, gpt2_small_random
+    net = CausalLMLogits(gpt2_small_random(n_layer=2, n_head=2)).eval()
+    ids = torch.randint(0, 128, (6, 12), generator=torch.Generator().manual_seed(0))
+    return net, ids, build_graph(net, ids[:2], heads=GPT2_HEADS)
+
+
+def _heads_of(graph, projection: str) -> list[int]:
+    """Prunable indices of the head edges into the projection whose vertex name ends with ``projection``,
+    in head order."""
+    found = sorted((e.part[0], i) for i, e in enumerate(graph.prunable)
+                   if e.part is not None and e.dst.endswith(projection))
+    return [i for _, i in found]
+
+
+class _HeadAttention(nn.Module):
+    """Self-attention (fused qkv, 4 heads of width 4), an output projection with bias and a residual add;
+    traceable by torch.fx."""
+
+    def __init__(self, dim: int = 16, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, dim) -> (B, T, 3)
+        b, t, d = x.shape[0], x.shape[1], x.shape[2]
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(b, t, d)
+        return self.head(x + self.out(a))
+
+
+def _head_attention() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The double-precision model, 10 inputs, and the output projection's input on them (via a hook)."""
+    torch.manual_seed(0)
+    model = _HeadAttention().double().eval()
+    x = torch.randn(10, 5, 16, dtype=torch.float64)
+    seen: list[torch.Tensor] = []
+    handle = model.out.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return model, x, seen[0]
+
+
+def test_cost_model_counts_removed_heads_exactly(gpt2_heads):
+    net, ids, graph = gpt2_heads
+    x = ids[:2]
+    h0, h1 = _heads_of(graph, "h.0.attn.c_proj"), _heads_of(graph, "h.1.attn.c_proj")
+    branch0 = graph.edge_index("lm.transformer.h.0.attn.resid_dropout -> lm.transformer.h.0.add_4")
+    mlp0 = graph.edge_index("lm.transformer.h.0.mlp.dropout -> lm.transformer.h.0.add_7")
+    skip1 = graph.edge_index("lm.transformer.h.0.add_7 -> lm.transformer.h.1.add_8")
+    removed = [[], [h0[0]], [h1[1]], h0, h0 + [h1[0]], h0 + h1,           # some heads, all of a layer, all
+               [branch0, h0[0]], [branch0, h1[1]], [skip1, mlp0, h1[0]],  # mixed with merge edges
+               [mlp0, h0[1], h1[0]]]
+    masks = np.vstack([graph.mask_from_removed(r).numpy() for r in removed]
+                      + [bernoulli_masks(graph.num_prunable, 4, 0.6, seed=1)])
+    params, macs = CostModel(graph).cost(masks)
+    for m, p, c in zip(masks, params, macs):
+        small_ = prune(graph, m)
+        assert p == count_params(small_) and c == count_macs(small_, x) // 2
+    # one removed head of a surviving projection: exactly its columns of the (in, out) Conv1D weight
+    cfg = net.lm.config
+    assert params[0] - params[1] == cfg.n_embd // cfg.n_head * cfg.n_embd
+
+
+def test_cost_model_counts_removed_heads_of_a_linear_projection():
+    model, x, _ = _head_attention()
+    graph = build_graph(model, x[:2], heads={r"^out$": 4})
+    heads = _heads_of(graph, "out")
+    masks = np.vstack([graph.mask_from_removed(r).numpy() for r in ([], heads[1:2], heads[:3], heads)]
+                      + [bernoulli_masks(graph.num_prunable, 4, 0.5, seed=2)])
+    params, macs = CostModel(graph).cost(masks)
+    for m, p, c in zip(masks, params, macs):
+        small_ = prune(graph, m)
+        assert p == count_params(small_) and c == count_macs(small_, x[:2]) // 2
+    assert params[0] - params[1] == 4 * 16  # head width x out_features of the (out, in) weight
+
+
+def test_auto_prune_removes_heads(gpt2_heads):
+    net, ids, _ = gpt2_heads
+    task = Task("lm")
+    scoring = Subset("scoring", ids, task.targets_of(ids, None))
+    # only the head edges are prunable: one removed head takes its columns of c_proj
+    res = auto_prune(net, scoring, task, Budget(edges=1), method="magnitude", edges=lambda e: False,
+                     heads=GPT2_HEADS)
+    assert len(res.removed) == 1 and "[head " in res.removed[0]
+    assert res.params[1] == count_params(res.model) == res.params[0] - 16 * 32
+    assert res.macs[1] == count_macs(res.model, ids) // len(ids) < res.macs[0]
+    # heads and merge edges together, under a parameter budget
+    target = res.params[0] - 600
+    res = auto_prune(net, scoring, task, Budget(max_params=target), method="flow", heads=GPT2_HEADS)
+    assert res.params[1] == count_params(res.model) <= target
+    with torch.no_grad():
+        assert res.model(ids).shape == net(ids).shape
+
+
+def test_head_shares_are_the_heads_contributions_to_the_projection():
+    model, x, a = _head_attention()
+    graph = build_graph(model, x[:2], heads={r"^out$": 4})
+    from surrogate.flow import measure_shares
+    shares = measure_shares(graph, x, batch_size=3)  # several batches: sums of inner products accumulate
+    into = [i for i, e in enumerate(graph.edges) if e.dst == "out"]
+    assert [graph.edges[i].part for i in into] == [(k, 4) for k in range(4)]
+    w = model.out.weight.detach()                                  # (out, in)
+    terms = [a[..., 4 * k:4 * (k + 1)] @ w[:, 4 * k:4 * (k + 1)].T for k in range(4)]
+    y0 = sum(terms)                                                # the output without its bias
+    hand = [float((t * y0).sum() / (y0 * y0).sum()) for t in terms]
+    np.testing.assert_allclose(shares[into], hand, rtol=1e-10)
+    assert shares[into].sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.ptp(shares[into]) > 1e-3  # not the old equal split
+
+
+def test_gpt2_flow_with_heads_is_finite(gpt2_heads):
+    _, ids, graph = gpt2_heads
+    ctx = Context(graph, None, Subset("scoring", ids, ids), Task("lm"), batch_size=4)
+    shares = ctx.shares()
+    for layer in (0, 1):
+        into = [i for i, e in enumerate(graph.edges) if e.dst.endswith(f"h.{layer}.attn.c_proj")]
+        assert len(into) == 2 and shares[into].sum() == pytest.approx(1.0, abs=1e-9)
+    flow = score("flow", ctx)
+    masks = np.vstack([np.ones(graph.num_prunable), bernoulli_masks(graph.num_prunable, 10, 0.6, seed=0)])
+    assert np.isfinite(flow.importance).all() and np.isfinite(flow.predict(masks)).all()
+    assert flow.predict(np.ones(graph.num_prunable))[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_magnitude_scores_each_head_on_its_own_chunk():
+    model, x, a = _head_attention()
+    graph = build_graph(model, x[:2], heads={r"^out$": 4})
+    ctx = Context(graph, None, Subset("scoring", x, torch.zeros(len(x))), Task("regression"), batch_size=5)
+    imp = score("magnitude", ctx).importance
+    heads = _heads_of(graph, "out")
+    hand = [float(a[..., 4 * k:4 * (k + 1)].abs().mean()) for k in range(4)]
+    np.testing.assert_allclose(imp[heads], hand, rtol=1e-10)
+    assert len(np.unique(imp[heads])) == 4
+
+
+def test_magnitude_scores_differ_between_gpt2_heads(gpt2_heads):
+    _, ids, graph = gpt2_heads
+    imp = score("magnitude", Context(graph, None, Subset("scoring", ids, ids), Task("lm"))).importance
+    for layer in (0, 1):
+        h = _heads_of(graph, f"h.{layer}.attn.c_proj")
+        assert imp[h[0]] != imp[h[1]]
+
+
+def test_draw_graph_shows_every_head_edge(gpt2_heads):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Annotation
+    _, _, graph = gpt2_heads
+    ax = graph.draw(importances=np.arange(graph.num_prunable, dtype=float))
+    try:
+        arrows = [t for t in ax.texts if isinstance(t, Annotation)]
+        assert len(arrows) == len(graph.edges)  # one artist per edge
+        ax.figure.canvas.draw()
+        into = [i for i, e in enumerate(graph.edges) if e.dst.endswith("h.0.attn.c_proj")]
+        paths = [arrows[i].arrow_patch.get_path().vertices for i in into]
+        assert len(paths) == 2 and not np.allclose(paths[0], paths[1])  # parallel edges drawn apart
+    finally:
+        plt.close(ax.figure)
