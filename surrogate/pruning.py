@@ -227,7 +227,7 @@ class PruneResult:
 
 
 def auto_prune(model: nn.Module, scoring: Subset, task: Task, budget: Budget, *,
-               method: str = "graph_flow", edges: Any = "merge", vertices: Any = None,
+               method: str = "superposition", edges: Any = "merge", vertices: Any = None,
                extra_masks: int = 0, search: Literal["auto", "greedy", "beam"] = "auto",
                finetune_steps: int = 0, train_data: Subset | None = None, seed: int = 0,
                batch_size: int = 256, heads: Mapping[str, int] | None = None) -> PruneResult:
@@ -245,14 +245,18 @@ def auto_prune(model: nn.Module, scoring: Subset, task: Task, budget: Budget, *,
     gated = GatedModel(graph)
     e = graph.num_prunable
     fit = np.zeros((0, e), dtype=np.float32)
-    losses = np.zeros(0)
+    losses, outputs = np.zeros(0), None
     if method in SURROGATES:
         fit = prior_design(e)
         if extra_masks:
             fit = np.vstack([fit, sparsity_masks(graph, extra_masks, 0.05, 0.25, seed=seed, exclude=fit)])
-        losses = evaluate_masks(gated, fit, scoring, task, batch_size=batch_size).loss
+        # the superposition surrogate is built from the outputs of these passes: keep them instead of
+        # measuring the single-edge masks a second time
+        measured = evaluate_masks(gated, fit, scoring, task, batch_size=batch_size,
+                                  keep_outputs=method == "superposition")
+        losses, outputs = measured.loss, measured.outputs
     ctx = Context(graph, gated, scoring, task, fit if len(fit) else None, losses if len(fit) else None,
-                  seed=seed, batch_size=batch_size)
+                  outputs if len(fit) else None, seed=seed, batch_size=batch_size)
     if method in SURROGATES:
         predictor: Predictor = make_surrogate(method, ctx).fit(fit, losses)
     elif method in SCORERS:

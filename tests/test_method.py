@@ -628,3 +628,13 @@ def test_draw_graph_shows_every_head_edge(gpt2_heads):
         assert len(paths) == 2 and not np.allclose(paths[0], paths[1])  # parallel edges drawn apart
     finally:
         plt.close(ax.figure)
+
+
+def test_auto_prune_default_removes_the_edge_whose_measured_removal_costs_least(small):
+    # the superposition surrogate reproduces the measured single-edge losses exactly, so a budget of one edge
+    # picks the single removal that was measured to cost least
+    net, graph, gated, ctx = small
+    res = auto_prune(net, ctx.scoring, ctx.task, Budget(edges=1), vertices=(Block,), edges="all")
+    assert res.fit_masks.shape == (graph.num_prunable + 2, graph.num_prunable)
+    singles = evaluate_masks(gated, 1 - np.eye(graph.num_prunable), ctx.scoring, ctx.task).loss
+    assert res.removed == [graph.edge_names[int(np.argmin(singles))]]
