@@ -70,11 +70,23 @@ class Context:
             if rows is not None:
                 y = self.fit_outputs[rows]
             else:
+                self._check_output_memory(e + 1)
                 y = evaluate_masks(self.gated, wanted, self.scoring, self.task, batch_size=self.batch_size,
                                    keep_outputs=True).outputs
             y = y.double()
             self.memo["outputs"] = (y[0], y[1:] - y[0])
         return self.memo["outputs"]
+
+    def _check_output_memory(self, num_masks: int, limit: float = 8 * 2 ** 30) -> None:
+        """Refuse to keep outputs that would not fit in memory, with what to do instead."""
+        with torch.no_grad():
+            one = self.gated(self.scoring.inputs[:1])
+        need = 8 * num_masks * len(self.scoring) * one.numel()  # float64 copies
+        if need > limit:
+            raise MemoryError(
+                f"keeping the outputs of {num_masks} masks on {len(self.scoring)} scoring samples needs "
+                f"{need / 2 ** 30:.1f} GiB (each sample's output has {one.numel()} values); use a smaller scoring "
+                "subset (e.g. fewer sequences or shorter ones for a language model) or another surrogate")
 
     def shares(self) -> np.ndarray:
         """Measured merge shares of every vertex-graph edge (one pass over the scoring subset)."""

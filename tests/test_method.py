@@ -638,3 +638,11 @@ def test_auto_prune_default_removes_the_edge_whose_measured_removal_costs_least(
     assert res.fit_masks.shape == (graph.num_prunable + 2, graph.num_prunable)
     singles = evaluate_masks(gated, 1 - np.eye(graph.num_prunable), ctx.scoring, ctx.task).loss
     assert res.removed == [graph.edge_names[int(np.argmin(singles))]]
+
+
+def test_superposition_refuses_outputs_that_do_not_fit_in_memory(small):
+    _, graph, gated, ctx = small
+    fresh = Context(graph, gated, ctx.scoring, ctx.task, memo={})
+    with pytest.raises(MemoryError, match="smaller scoring subset"):
+        fresh._check_output_memory(graph.num_prunable + 1, limit=1000)
+    fresh._check_output_memory(graph.num_prunable + 1)  # the real size is far below the default limit
