@@ -270,7 +270,9 @@ class SuperpositionSurrogate(Surrogate):
     superposed output over the samples, and its lost paths are charged to the cuts closest to the output
     ("last_cut", which is exact for the biases of a linear network). A connected network shares every lost
     path among the cuts on it by their Shapley values ("shapley"). Both rules were chosen on development graphs.
-    Nothing is fitted: single-edge masks and the all-ones mask are reproduced exactly.
+    Nothing is fitted: single-edge masks and the all-ones mask are reproduced exactly. The measured outputs
+    come from the context: ``ctx.fit_outputs`` when the fitting masks include the prior design's (keep them
+    with ``evaluate_masks(..., keep_outputs=True)``), otherwise |E| + 1 passes over the scoring subset.
     """
     name = "superposition"
 
