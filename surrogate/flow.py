@@ -2,7 +2,8 @@
 
 At a merge vertex v the inputs x_e (e into v) combine into y. The *share* of input e is the part of y it
 carries: c_e = <x_e, y> / <y, y> for a sum (the shares sum to 1), c_e = <x_e, x_e> / <y, y> for a
-concatenation, 1/k for other k-input combinations (products, attention), and 1 for a vertex with one input.
+concatenation, 1/k for other k-input combinations (products, attention), and 1 for a vertex with one input;
+the heads of a head-split output projection (``build_graph(heads=...)``) are the terms x_k W_k of a sum.
 With the flow of the inputs set to 1, the flow of a pruned network is
 
     F_v(m) = sum over in-edges e = (u, v) of  m_e * c_e * F_u(m),
@@ -12,6 +13,10 @@ sum of linear branches it is exactly the projection <y(m), y> / <y, y>; across n
 layers the shares are composed multiplicatively, which is the model's approximation. F_output(m) = 0
 exactly when no input->output path survives. The shares are averaged over a data subset (no mask is
 evaluated), which makes F a zero-shot importance model. (A ``stack`` is treated like a concatenation.)
+
+``FlowStructure.attribution`` splits the flow lost under a mask among the removed edges (Shapley values of
+the multilinear lost flow, or every lost path charged to its cut closest to the output); the superposition
+surrogate weights measured output changes by it.
 """
 from __future__ import annotations
 
