@@ -292,10 +292,13 @@ class SuperpositionSurrogate(Surrogate):
         self.no_flow = single <= 1e-12
         return self
 
-    def coefficients(self, masks: np.ndarray) -> torch.Tensor:
-        """(M, E) weight of each edge's measured output change in the predicted output of each mask."""
+    def coefficients(self, masks: np.ndarray, disconnected: np.ndarray | None = None) -> torch.Tensor:
+        """(M, E) weight of each edge's measured output change in the predicted output of each mask
+        (``disconnected``: which masks leave no input->output path, if already known)."""
         m = torch.tensor(_as_masks(masks, self.num_edges))
-        disc = torch.tensor(~self.ctx.graph.connected(m.numpy() > 0.5))
+        if disconnected is None:
+            disconnected = ~self.ctx.graph.connected(m.numpy() > 0.5)
+        disc = torch.tensor(disconnected)
         coef = torch.zeros_like(m)
         for rows, rule in ((~disc, self.rules[0]), (disc, self.rules[1])):
             if rows.any():
@@ -306,7 +309,7 @@ class SuperpositionSurrogate(Surrogate):
     def predict(self, masks: np.ndarray) -> np.ndarray:
         m = _as_masks(masks, self.num_edges)
         disc = ~self.ctx.graph.connected(m > 0.5)
-        coef = self.coefficients(m)
+        coef = self.coefficients(m, disc)
         targets = self.ctx.scoring.targets
         out = np.empty(len(m))
         step = max(1, self.chunk_elements // max(1, self.y1.numel()))
