@@ -316,12 +316,15 @@ class EmptyProjection(nn.Module):
         return zeros if self.bias is None else zeros + self.bias
 
 
+def _head_columns(heads: tuple[int, ...], head_dim: int, device: torch.device) -> torch.Tensor:
+    """Indices of the columns of the chunks ``heads`` (each ``head_dim`` wide), in order."""
+    return torch.cat([torch.arange(k * head_dim, (k + 1) * head_dim, device=device) for k in heads])
+
+
 def _take_heads(x: torch.Tensor, heads: tuple[int, ...], num_heads: int) -> torch.Tensor:
     """The chunks ``heads`` (of ``num_heads`` equal chunks) of the last dimension of x, contiguous
     (transformers' Conv1D views its input)."""
-    d = x.shape[-1] // num_heads
-    cols = torch.cat([torch.arange(k * d, (k + 1) * d, device=x.device) for k in heads])
-    return x.index_select(-1, cols)
+    return x.index_select(-1, _head_columns(heads, x.shape[-1] // num_heads, x.device))
 
 
 torch.fx.wrap("_take_heads")
@@ -331,7 +334,7 @@ def _smaller_projection(module: nn.Module, split: HeadSplit, kept: tuple[int, ..
     """A copy of the projection (weight, optional bias) restricted to the input columns of ``kept``."""
     weight, bias = module.weight.detach(), getattr(module, "bias", None)
     d = (weight.shape[1] if split.layout == "linear" else weight.shape[0]) // split.heads
-    cols = torch.cat([torch.arange(k * d, (k + 1) * d, device=weight.device) for k in kept])
+    cols = _head_columns(kept, d, weight.device)
     if split.layout == "linear":  # weight (out, in)
         new: nn.Module = nn.Linear(len(cols), weight.shape[0], bias=bias is not None, device=weight.device,
                                    dtype=weight.dtype)
