@@ -403,21 +403,12 @@ def test_attribution_of_two_cuts_in_series():
         fs.attribution(both, "banzhaf")
 
 
-class _ThreeBranch(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(4, 3)
-
-    def forward(self, x):
-        return torch.stack([self.a(x), self.b(x), self.c(x)]).sum(0)
-
-
 def test_superposition_is_exact_for_parallel_linear_branches():
     # one merge of linear branches: output changes add up exactly, whatever is removed (all removed: zeros)
     torch.manual_seed(0)
-    model = _ThreeBranch().double()
-    x = torch.randn(40, 4, dtype=torch.float64)
-    y = torch.randint(0, 3, (40,))
+    model = _GateLinear().double()
+    x = torch.randn(40, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (40,))
     graph = build_graph(model, x[:2])
     gated = GatedModel(graph)
     ctx = Context(graph, gated, Subset("s", x, y), Task("classification"))
