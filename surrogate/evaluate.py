@@ -1,7 +1,9 @@
 """Ground truth: the loss S(m) (and accuracy / perplexity) of the gated model under each mask."""
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -11,7 +13,23 @@ import torch.nn.functional as F
 
 from .gating import GatedModel, check_mask
 
-__all__ = ["Task", "Subset", "MaskEval", "evaluate_masks"]
+__all__ = ["Task", "Subset", "MaskEval", "evaluate_masks", "measuring"]
+
+
+@contextlib.contextmanager
+def measuring(*modules: torch.nn.Module) -> Iterator[None]:
+    """Every submodule of ``modules`` in eval mode for the duration; afterwards each one gets back its own
+    ``training`` flag (not the parent's: ``module.train(flag)`` would overwrite a BatchNorm that its owner
+    had frozen in eval mode). Measurements run inside this, so they never update running statistics or
+    draw dropout masks, whatever mode the caller left the model in."""
+    saved = [(m, m.training) for root in modules for m in root.modules()]
+    for m, _ in saved:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
 
 
 @dataclass(frozen=True)
@@ -97,9 +115,7 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc=f"S(m) on {data.name}", unit="chunk")
-    was_training = gated.training
-    gated.eval()
-    try:
+    with measuring(gated):
         for c0 in chunks:
             mc = m[c0:c0 + masks_per_pass]
             for b0 in range(0, len(data), batch_size):
@@ -116,8 +132,6 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
                         has_acc = False
                     else:
                         total_acc[c0 + j] += acc.double().sum()
-    finally:
-        gated.train(was_training)
     n = len(data)
     loss = (total_loss / n).numpy()
     if not np.isfinite(loss).all():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .evaluate import Subset, Task, evaluate_masks
+from .evaluate import Subset, Task, evaluate_masks, measuring
 from .gating import GatedModel, prune
 from .graph import ComputationGraph
 from .masks import prior_design
@@ -218,9 +218,7 @@ def gate_derivatives(gated: GatedModel, data: Subset, task: Task, hessian: bool 
     s1, grad = 0.0, torch.zeros(e, dtype=torch.float64)
     hess = torch.zeros(e, e, dtype=torch.float64) if hessian else None
     n = len(data)
-    was_training = gated.training
-    gated.eval()
-    try:
+    with measuring(gated):
         for b0 in range(0, n, batch_size):
             x, y = data.inputs[b0:b0 + batch_size], data.targets[b0:b0 + batch_size]
             gates = torch.ones(e, dtype=torch.float64, requires_grad=True)  # no rounding of g and H
@@ -231,8 +229,6 @@ def gate_derivatives(gated: GatedModel, data: Subset, task: Task, hessian: bool 
                     hess += _hessian_rows(g, gates).double()
             s1 += float(loss.detach())
             grad += g.detach().double()
-    finally:
-        gated.train(was_training)
     if hess is not None:
         hess = 0.5 * (hess + hess.T)
         return s1, grad.numpy(), hess.numpy()
