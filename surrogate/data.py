@@ -21,15 +21,22 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["DATA_DIR_ENV", "resolve_data_dir",
+from .paths import cache_root
+
+__all__ = ["DATA_DIR_ENV", "resolve_data_dir", "data_cache_dir",
            "TeacherTaskConfig", "TeacherTask", "make_teacher_task", "teacher_logits",
            "CIFAR10_MEAN", "CIFAR10_STD", "load_cifar10", "normalize_cifar", "subset",
            "WIKITEXT2_SPLITS", "load_wikitext2", "load_gpt2_tokenizer", "tokenize_lm"]
 
 DATA_DIR_ENV = "SURROGATE_DATA_DIR"
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / "cache" / "data"
 
 Split = tuple[torch.Tensor, torch.Tensor]  # (inputs, int64 labels)
+
+
+def data_cache_dir() -> Path:
+    """Where decoded datasets are cached: ``<cache root>/data`` (``surrogate.paths.cache_root``, so
+    ``$SURROGATE_CACHE_DIR`` if set, else ``cache/`` in the project folder), resolved at call time."""
+    return cache_root() / "data"
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
@@ -238,7 +245,7 @@ def load_cifar10(data_dir: str | os.PathLike[str] | None = None,
     the JPEG q75 copy; online they come from torchvision in the original order.
     """
     folder = resolve_data_dir(data_dir)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else data_cache_dir()
     if folder is None:
         arrays = _download_cifar(cache / "torchvision")
     else:

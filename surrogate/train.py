@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .evaluate import Subset, Task
+from .paths import cache_root
 
 __all__ = ["set_seed", "TrainConfig", "TrainResult", "train", "config_hash", "cached_model",
            "default_cache_dir", "finetune"]
@@ -141,7 +142,8 @@ def finetune(model: nn.Module, train_data: Subset, task: Task, steps: int, lr: f
 # checkpoint cache
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SURROGATE_CACHE_DIR", Path(__file__).resolve().parents[1] / "cache"))
+    """Where ``cached_model`` keeps checkpoints: ``surrogate.paths.cache_root()`` (resolved at call time)."""
+    return cache_root()
 
 
 def _jsonable(obj: Any) -> Any:

@@ -1,7 +1,8 @@
 """Tests for surrogate.data: the teacher task, data-folder resolution, CIFAR-10, WikiText-2 and GPT-2.
 
 The offline-data tests read $SURROGATE_DATA_DIR, else ../shared/data next to the repo, and are skipped if
-neither exists. The decoded CIFAR-10 cache lives in the default cache folder, so only the first run decodes.
+neither exists. The decoded CIFAR-10 cache lives in the session's private cache folder (tests/conftest.py sets
+$SURROGATE_CACHE_DIR), so each test session decodes it once.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def cifar(data_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return load_cifar10(data_dir)
+def cifar(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    # explicit: a session fixture runs before conftest's per-test $SURROGATE_CACHE_DIR is set
+    return load_cifar10(data_dir, cache_dir=tmp_path_factory.getbasetemp() / "cache" / "data")
 
 
 @pytest.fixture(scope="session")
@@ -132,6 +134,51 @@ def test_online_cifar_failure_explains_the_offline_folder(tmp_path: Path,
         load_cifar10(None, cache_dir=tmp_path)
 
 
+# ---- cache root -----------------------------------------------------------------------------------------
+
+def test_cache_root_follows_the_environment_at_call_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from surrogate.paths import cache_root
+    from surrogate.train import default_cache_dir
+
+    for name in ("one", "two"):  # changed after import: nothing is frozen at import time
+        monkeypatch.setenv("SURROGATE_CACHE_DIR", str(tmp_path / name))
+        assert cache_root() == tmp_path / name
+        assert default_cache_dir() == tmp_path / name
+        assert D.data_cache_dir() == tmp_path / name / "data"
+
+
+def test_cache_root_resolves_from_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from surrogate.paths import cache_root, project_dir
+
+    monkeypatch.delenv("SURROGATE_CACHE_DIR", raising=False)
+    project, plain = tmp_path / "project", tmp_path / "plain"
+    (project / "notebooks" / "deep").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("")
+    plain.mkdir()
+    monkeypatch.chdir(project / "notebooks" / "deep")
+    assert project_dir() == project.resolve()
+    assert cache_root() == project.resolve() / "cache"
+    assert D.data_cache_dir() == project.resolve() / "cache" / "data"
+    monkeypatch.setenv("SURROGATE_CACHE_DIR", "")  # empty counts as unset
+    assert cache_root() == project.resolve() / "cache"
+    (plain / ".git").mkdir()
+    monkeypatch.chdir(plain)
+    assert project_dir() == plain.resolve()
+
+
+def test_cifar_loader_caches_under_the_cache_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "data" / "cifar10"
+    src.mkdir(parents=True)
+    monkeypatch.setenv("SURROGATE_CACHE_DIR", str(tmp_path / "cache"))
+    fake = {"train_x": np.zeros((2, 3, 32, 32), np.uint8), "train_y": np.zeros(2, np.int64),
+            "test_x": np.zeros((1, 3, 32, 32), np.uint8), "test_y": np.zeros(1, np.int64)}
+    (src / "cifar10_jpeg.npz").write_bytes(b"not decoded: _decode_cifar_npz is replaced")
+    monkeypatch.setattr(D, "_decode_cifar_npz", lambda path: fake)
+    out = load_cifar10(tmp_path / "data")
+    assert out["train"][0].shape == (2, 3, 32, 32)
+    assert len(list((tmp_path / "cache" / "data").glob("cifar10_jpeg_*.npz"))) == 1
+
+
 # ---- cache helper ---------------------------------------------------------------------------------------
 
 def test_cache_is_built_once_and_rebuilt_when_corrupt(tmp_path: Path) -> None:
@@ -178,7 +225,7 @@ def test_cifar_cache_is_reused(data_dir: Path, cifar, monkeypatch: pytest.Monkey
     monkeypatch.setattr(D, "_decode_cifar_npz", no_decode)
     again = load_cifar10(data_dir)
     assert torch.equal(again["test"][0], cifar["test"][0])
-    assert list(D.DEFAULT_CACHE_DIR.glob("cifar10_jpeg_*.npz"))
+    assert list(D.data_cache_dir().glob("cifar10_jpeg_*.npz"))
 
 
 def test_normalize_cifar_standardizes(cifar) -> None:
