@@ -9,11 +9,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
 
-from .gating import GatedModel, check_mask
+from .gating import _GATES_ATTR, GatedModel, _gate, _gate_heads, check_mask
 
-__all__ = ["Task", "Subset", "MaskEval", "evaluate_masks", "measuring"]
+__all__ = ["Task", "Subset", "MaskEval", "evaluate_masks", "default_masks_per_pass", "measuring",
+           "MAX_PASS_ELEMENTS"]
 
 
 @contextlib.contextmanager
@@ -92,49 +95,218 @@ class MaskEval:
         return np.exp(self.loss)
 
 
+MAX_PASS_ELEMENTS = 2 ** 27  # default cap on the elements of one stacked pass's output (512 MiB of float32)
+
+
 @torch.no_grad()
 def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, batch_size: int = 512,
-                   masks_per_pass: int | None = None, progress: bool = False,
-                   keep_outputs: bool = False) -> MaskEval:
-    """Evaluate every mask on the whole subset: S(m) = mean per-sample loss.
+                   masks_per_pass: int | None = None, progress: bool = False, keep_outputs: bool = False,
+                   strategy: Literal["stack", "prefix"] = "stack",
+                   max_pass_elements: int = MAX_PASS_ELEMENTS) -> MaskEval:
+    """Evaluate every mask on the whole subset: S(m) = mean per-sample loss. Deterministic: no sampling.
 
-    masks_per_pass masks are stacked into one forward pass (None: as many as keep a pass near 16k
-    samples; for convolutional nets on a CPU, 1 is usually fastest). Deterministic: no sampling.
+    strategy "stack": masks_per_pass masks are stacked into one forward pass (None: as many as keep a pass
+    near 16k samples, and its stacked output under max_pass_elements elements, measured from one pass on
+    the first batch; for convolutional nets on a CPU, 1 is usually fastest).
+    strategy "prefix": masks that agree on the first gates (in execution order) share the computation up to
+    there (a prefix tree, walked depth first for every data batch); each distinct mask runs alone, so the
+    results equal those of masks_per_pass=1 bit for bit. Fastest for many masks over few gates (all 2^k
+    masks of k residual branches).
     keep_outputs: also return the outputs of every mask on every sample ((M, n, ...), as the model returns
     them), what output-space surrogates are built from; mind the memory of large outputs (LM logits).
+    progress: a tqdm bar (tqdm.auto: also in notebooks) counting masks done.
     """
     m = check_mask(masks, gated.num_edges)
     m = m.unsqueeze(0) if m.dim() == 1 else m
-    if masks_per_pass is None:
-        masks_per_pass = max(1, min(len(m), 16384 // max(1, min(batch_size, len(data)))))
+    if strategy not in ("stack", "prefix"):
+        raise ValueError(f"unknown strategy {strategy!r}; use 'stack' (masks stacked per pass) or 'prefix' "
+                         "(shared computation of common mask prefixes)")
+    if strategy == "prefix" and masks_per_pass is not None:
+        raise ValueError("masks_per_pass applies to strategy='stack'; the prefix strategy runs each distinct mask "
+                         "alone (pass masks_per_pass=None)")
+    n = len(data)
     total_loss = torch.zeros(len(m), dtype=torch.float64)
     total_acc = torch.zeros(len(m), dtype=torch.float64)
     has_acc = True
     kept: list[list[torch.Tensor]] = [[] for _ in range(len(m))] if keep_outputs else []
-    chunks = range(0, len(m), masks_per_pass)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        chunks = tqdm(chunks, desc=f"S(m) on {data.name}", unit="chunk")
-    with measuring(gated):
-        for c0 in chunks:
-            mc = m[c0:c0 + masks_per_pass]
-            for b0 in range(0, len(data), batch_size):
-                x = data.inputs[b0:b0 + batch_size]
-                y = data.targets[b0:b0 + batch_size]
-                out = gated(x, mask=mc if len(mc) > 1 else mc[0])
-                out = out if len(mc) > 1 else out.unsqueeze(0)
-                for j in range(len(mc)):
-                    if keep_outputs:
-                        kept[c0 + j].append(out[j])
-                    loss, acc = task.per_sample(out[j], y)
-                    total_loss[c0 + j] += loss.double().sum()
-                    if acc is None:
-                        has_acc = False
-                    else:
-                        total_acc[c0 + j] += acc.double().sum()
-    n = len(data)
+        bar = tqdm(total=len(m), desc=f"S(m) on {data.name}", unit="mask")
+
+    def add(j: int, out: torch.Tensor, y: torch.Tensor) -> None:  # one mask's outputs on one batch
+        nonlocal has_acc
+        if keep_outputs:
+            kept[j].append(out)
+        loss, acc = task.per_sample(out, y)
+        total_loss[j] += loss.double().sum()
+        if acc is None:
+            has_acc = False
+        else:
+            total_acc[j] += acc.double().sum()
+
+    try:
+        with measuring(gated):
+            if strategy == "prefix":
+                tree, rows, done = _PrefixTree(gated), [tuple(r) for r in m.tolist()], 0
+                n_batches = (n + batch_size - 1) // batch_size
+                for b0 in range(0, n, batch_size):
+                    x, y = data.inputs[b0:b0 + batch_size], data.targets[b0:b0 + batch_size]
+                    for group, out in tree.run((x,), rows):
+                        for j in group:  # masks of one leaf are equal: the same outputs
+                            add(j, out, y)
+                        done += len(group)
+                        if bar is not None:
+                            bar.update(done // n_batches - bar.n)
+            else:
+                if masks_per_pass is None:
+                    masks_per_pass = default_masks_per_pass(gated, data, len(m), batch_size, max_pass_elements)
+                for c0 in range(0, len(m), masks_per_pass):
+                    mc = m[c0:c0 + masks_per_pass]
+                    for b0 in range(0, n, batch_size):
+                        x, y = data.inputs[b0:b0 + batch_size], data.targets[b0:b0 + batch_size]
+                        out = gated(x, mask=mc if len(mc) > 1 else mc[0])
+                        out = out if len(mc) > 1 else out.unsqueeze(0)
+                        for j in range(len(mc)):
+                            add(c0 + j, out[j], y)
+                    if bar is not None:
+                        bar.update(len(mc))
+    finally:
+        if bar is not None:
+            bar.close()
     loss = (total_loss / n).numpy()
     if not np.isfinite(loss).all():
         raise FloatingPointError(f"non-finite loss for {int((~np.isfinite(loss)).sum())} masks on {data.name}")
     outputs = torch.stack([torch.cat(parts) for parts in kept]) if keep_outputs else None
     return MaskEval(data.name, n, loss, (total_acc / n).numpy() if has_acc else None, outputs)
+
+
+def default_masks_per_pass(gated: GatedModel, data: Subset, num_masks: int, batch_size: int,
+                           max_pass_elements: int = MAX_PASS_ELEMENTS) -> int:
+    """How many masks evaluate_masks stacks into one pass by default: as many as keep a pass near 16k
+    samples, capped so that the stacked output has at most max_pass_elements elements (measured from one
+    all-ones pass on the first batch, only when more than one mask would be stacked). With small outputs
+    (class logits) the cap does not bind; with LM logits (batch x tokens x vocabulary) it does."""
+    b = max(1, min(batch_size, len(data)))
+    per_pass = max(1, min(num_masks, 16384 // b))
+    if per_pass > 1 and len(data):
+        with measuring(gated):
+            out = gated(data.inputs[:b])
+        size = sum(t.numel() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+        per_pass = max(1, min(per_pass, max_pass_elements // max(1, size)))
+    return per_pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# prefix-tree evaluation
+
+def _gate_indices(node: fx.Node) -> tuple[int, ...] | None:
+    """The mask entries a gate node reads, or None for any other node."""
+    if node.op != "call_function":
+        return None
+    if node.target is _gate:
+        return (node.args[2],)
+    if node.target is _gate_heads:
+        return tuple(i for i in node.args[2] if i >= 0)
+    return None
+
+
+class _PrefixTree:
+    """Runs a GatedModel's graph for many single masks at once, sharing what common prefixes compute.
+
+    The graph's nodes run in order, with every gate node moved to just before its first user (the later a
+    mask splits, the more is shared). Before a gate node that reads mask entries not read so far, the
+    group of masks splits by their values there; each subgroup continues from the activations computed
+    so far, depth first, so at most one path of activations per split is alive. Every node runs exactly
+    as in ``gated(x, mask=row)`` (gates as a tuple of floats), so outputs equal one pass per mask bit for bit.
+    """
+
+    def __init__(self, gated: GatedModel):
+        self.module = gated.module
+        self.graph = gated.module.graph
+        order: list[fx.Node] = []
+        pending: dict[fx.Node, fx.Node] = {}
+
+        def emit(node: fx.Node) -> None:
+            for inp in node.all_input_nodes:
+                if inp in pending:
+                    emit(pending.pop(inp))
+            order.append(node)
+
+        for node in self.graph.nodes:
+            if _gate_indices(node) is not None:
+                pending[node] = node  # emitted when its first user is; a gate nobody reads never runs
+            else:
+                emit(node)
+        # the program: ("split", indices) before a gate node that reads new mask entries, ("node", node)
+        self.program: list[tuple[str, Any]] = []
+        seen: set[int] = set()
+        for node in order:
+            idx = _gate_indices(node)
+            new = tuple(i for i in idx if i not in seen) if idx is not None else ()
+            if new:
+                seen.update(new)
+                self.program.append(("split", new))
+            self.program.append(("node", node))
+        # free each value after its last use (a subgroup drops its own reference; the parent keeps its own)
+        last: dict[fx.Node, int] = {}
+        for k, (kind, node) in enumerate(self.program):
+            if kind == "node":
+                last[node] = k  # a value nobody reads is dropped right away
+                for inp in node.all_input_nodes:
+                    last[inp] = k
+        self.frees: list[list[fx.Node]] = [[] for _ in self.program]
+        for node, k in last.items():
+            if node.op != "output":
+                self.frees[k].append(node)
+
+    def run(self, inputs: tuple[torch.Tensor, ...], rows: list[tuple[float, ...]]
+            ) -> Iterator[tuple[list[int], Any]]:
+        """Yield (mask indices, output) once per distinct mask among ``rows`` (masks as float tuples)."""
+        flat = iter(self.graph.process_inputs(*inputs))
+        env: dict[fx.Node, Any] = {}
+        stack: list[tuple[int, dict[fx.Node, Any], list[int]]] = [(0, env, list(range(len(rows))))]
+        while stack:
+            k, env, group = stack.pop()
+            while k < len(self.program):
+                kind, item = self.program[k]
+                if kind == "split":
+                    parts: dict[tuple[float, ...], list[int]] = {}
+                    for r in group:
+                        parts.setdefault(tuple(rows[r][i] for i in item), []).append(r)
+                    if len(parts) > 1:  # depth first: the first subgroup is popped next
+                        stack.extend((k + 1, dict(env), sub) for sub in reversed(list(parts.values())))
+                        break
+                    k += 1
+                    continue
+                if item.op == "output":
+                    out = fx.node.map_arg(item.args[0], env.__getitem__)
+                    yield group, self.graph.process_outputs(out)
+                    break
+                env[item] = self._run_node(item, env, rows[group[0]], flat)
+                for dead in self.frees[k]:
+                    env.pop(dead, None)
+                k += 1
+
+    def _run_node(self, node: fx.Node, env: dict[fx.Node, Any], gates: tuple[float, ...],
+                  flat: Iterator[Any]) -> Any:
+        if node.op == "placeholder":
+            return next(flat)  # placeholders precede every split, so they run once per call
+        if node.op == "get_attr":
+            if node.target == _GATES_ATTR:
+                return None  # gate nodes get the mask of their group instead
+            value: Any = self.module
+            for name in str(node.target).split("."):
+                value = getattr(value, name)
+            return value
+        if _gate_indices(node) is not None:
+            return node.target(env[node.args[0]], gates, *node.args[2:])
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return self.module.get_submodule(node.target)(*args, **kwargs)
+        raise RuntimeError(f"cannot run fx node {node.format_node()} (op {node.op!r})")
