@@ -25,7 +25,7 @@ from .paths import cache_root
 
 __all__ = ["DATA_DIR_ENV", "resolve_data_dir", "data_cache_dir",
            "TeacherTaskConfig", "TeacherTask", "make_teacher_task", "teacher_logits",
-           "CIFAR10_MEAN", "CIFAR10_STD", "load_cifar10", "normalize_cifar", "subset",
+           "CIFAR10_MEAN", "CIFAR10_STD", "load_cifar10", "normalize_cifar", "cifar_augment", "subset",
            "WIKITEXT2_SPLITS", "load_wikitext2", "load_gpt2_tokenizer", "tokenize_lm"]
 
 DATA_DIR_ENV = "SURROGATE_DATA_DIR"
@@ -153,6 +153,24 @@ def normalize_cifar(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(3, 1, 1)
     std = torch.tensor(CIFAR10_STD, device=x.device).view(3, 1, 1)
     return (x.float() / 255 - mean) / std
+
+
+def cifar_augment(x: torch.Tensor, gen: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """The standard CIFAR training augmentation of a float batch (N, C, H, W): a random H x W crop of the
+    image zero-padded by ``padding`` pixels on every side (zero is the mean colour once normalized), then a
+    horizontal flip with probability 1/2; per image, drawn from ``gen`` (a CPU generator), on x's device."""
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"cifar_augment takes a float batch (N, C, H, W), got {x.dtype} of shape "
+                         f"{tuple(x.shape)}; normalize first (normalize_cifar)")
+    n, _, h, w = x.shape
+    shift = torch.randint(0, 2 * padding + 1, (2, n), generator=gen).to(x.device)  # crop corner (dy, dx)
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    rows = (shift[0, :, None] + torch.arange(h, device=x.device))[:, :, None]            # (N, H, 1)
+    cols = shift[1, :, None] + torch.arange(w, device=x.device)                          # (N, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]                     # (N, 1, W)
+    out = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols]         # (N, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def subset(images: torch.Tensor, labels: torch.Tensor, n: int, seed: int) -> Split:

@@ -1,10 +1,13 @@
 """Training with early stopping on validation loss, seeding, and a checkpoint cache keyed by config."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
+import math
 import os
 import random
 import warnings
@@ -19,7 +22,7 @@ import torch.nn as nn
 from .evaluate import Subset, Task
 from .paths import cache_root
 
-__all__ = ["set_seed", "TrainConfig", "TrainResult", "train", "config_hash", "cached_model",
+__all__ = ["set_seed", "TrainConfig", "TrainResult", "lr_schedule", "train", "config_hash", "cached_model",
            "default_cache_dir", "finetune"]
 
 
@@ -34,21 +37,68 @@ def set_seed(seed: int) -> None:
 class TrainConfig:
     epochs: int = 100                   # upper bound; early stopping usually ends sooner
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = 3e-3                    # peak learning rate
     weight_decay: float = 1e-4
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = 0.9               # sgd only
-    schedule: Literal["cosine", "constant"] = "cosine"
+    nesterov: bool = True               # sgd only
+    schedule: Literal["cosine", "constant", "onecycle"] = "cosine"  # lr factor per batch step: lr_schedule
+    warmup_epochs: float = 0.0          # onecycle: linear warmup over this many epochs (fractions allowed)
+    decay: Literal["linear", "cosine"] = "linear"  # onecycle: shape of the decay to 0 after the warmup
     patience: int | None = 10           # epochs without val-loss improvement before stopping; None: never
+    keep: Literal["best", "last"] = "best"  # weights returned: the lowest val loss, or the last epoch's
     label_smoothing: float = 0.0
+    autocast: Literal["bf16"] | None = None  # forward pass under torch.autocast(bfloat16); loss in float32
+    device: str = "cpu"                 # the model is moved here, and each batch with it
     seed: int = 0
 
 
 @dataclass
 class TrainResult:
-    model: nn.Module                    # weights of the epoch with the lowest validation loss
+    model: nn.Module                    # the trained model, with the weights config.keep chose
     history: list[dict[str, float]]     # per epoch: train_loss, val_loss, val_acc
-    best_epoch: int
+    best_epoch: int                     # the epoch with the lowest validation loss
+
+
+def lr_schedule(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The factor on config.lr at batch step s (0-based) of training, as LambdaLR takes it.
+
+    cosine: from 1 to 0 over all steps. constant: 1. onecycle: (s + 1) / W over the W = warmup_epochs *
+    steps_per_epoch warmup steps, then linear or cosine (config.decay) decay to 0 at the last step.
+    """
+    steps = config.epochs * steps_per_epoch
+    if config.schedule == "cosine":
+        return lambda s: 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))
+    if config.schedule == "constant":
+        return lambda s: 1.0
+    if config.schedule != "onecycle":
+        raise ValueError(f"unknown schedule {config.schedule!r}; use 'cosine', 'constant' or 'onecycle'")
+    if config.decay not in ("linear", "cosine"):
+        raise ValueError(f"unknown decay {config.decay!r}; use 'linear' or 'cosine'")
+    warm = min(steps, round(config.warmup_epochs * steps_per_epoch))
+
+    def onecycle(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        p = min(1.0, (s - warm) / max(1, steps - warm))  # 0 after the warmup, 1 at the end
+        return 1 - p if config.decay == "linear" else 0.5 * (1 + math.cos(math.pi * p))
+
+    return onecycle
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters (or buffers) live; the CPU for a model without any."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _autocast(kind: str | None, device: torch.device) -> contextlib.AbstractContextManager:
+    if kind is None:
+        return contextlib.nullcontext()
+    if kind != "bf16":
+        raise ValueError(f"unknown autocast {kind!r}; use None or 'bf16'")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[torch.Tensor]:
@@ -59,10 +109,11 @@ def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[torch
 @torch.no_grad()
 def _evaluate(model: nn.Module, data: Subset, task: Task, batch_size: int = 1024) -> tuple[float, float]:
     model.eval()
+    device = _device_of(model)
     loss_sum, acc_sum = 0.0, 0.0
     for b in _batches(len(data), batch_size, None):
-        out = model(data.inputs[b])
-        loss, acc = task.per_sample(out, data.targets[b])
+        out = model(data.inputs[b].to(device))
+        loss, acc = task.per_sample(out, data.targets[b].to(device))
         loss_sum += float(loss.double().sum())
         acc_sum += float(acc.double().sum()) if acc is not None else float("nan")
     return loss_sum / len(data), acc_sum / len(data)
@@ -71,29 +122,36 @@ def _evaluate(model: nn.Module, data: Subset, task: Task, batch_size: int = 1024
 def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, config: TrainConfig,
           augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
           log: Callable[[str], None] | None = None) -> TrainResult:
-    """Minimise the task loss; keep the weights with the lowest validation loss (early stopping)."""
+    """Minimise the task loss; return the weights with the lowest validation loss (early stopping) or those
+    of the last epoch (config.keep). Trains ``model`` itself, moved to config.device (batches follow it);
+    augment(x, generator) transforms each training batch on that device (see data.cifar_augment)."""
     set_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
+    if config.keep not in ("best", "last"):
+        raise ValueError(f"keep must be 'best' or 'last', got {config.keep!r}")
+    device = torch.device(config.device)
+    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                              nesterov=True)
-    steps = config.epochs * ((len(train_data) + config.batch_size - 1) // config.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, (lambda s: 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))) if config.schedule == "cosine"
-        else (lambda s: 1.0))
-    best = (float("inf"), -1, copy.deepcopy(model.state_dict()))
+                              nesterov=config.nesterov)
+    steps_per_epoch = (len(train_data) + config.batch_size - 1) // config.batch_size
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(config, steps_per_epoch))
+    keep_best = config.keep == "best"
+    best = (float("inf"), -1, copy.deepcopy(model.state_dict()) if keep_best else None)
     history: list[dict[str, float]] = []
     for epoch in range(config.epochs):
         model.train()
         total, count = 0.0, 0
         for b in _batches(len(train_data), config.batch_size, gen):
-            x, y = train_data.inputs[b], train_data.targets[b]
+            x, y = train_data.inputs[b].to(device), train_data.targets[b].to(device)
             if augment is not None:
                 x = augment(x, gen)
-            out = model(x)
+            with _autocast(config.autocast, device):
+                out = model(x)
+            out = out.float() if config.autocast is not None else out
             if task.kind == "classification" and config.label_smoothing:
                 loss = nn.functional.cross_entropy(out, y, label_smoothing=config.label_smoothing)
             else:
@@ -109,28 +167,45 @@ def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, co
         if log is not None:
             log(f"epoch {epoch:3d} train {total / count:.4f} val {val_loss:.4f} acc {val_acc:.4f}")
         if val_loss < best[0]:
-            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
+            best = (val_loss, epoch, copy.deepcopy(model.state_dict()) if keep_best else None)
         elif config.patience is not None and epoch - best[1] >= config.patience:
             break
-    model.load_state_dict(best[2])
+    if keep_best:
+        model.load_state_dict(best[2])
     model.eval()
     return TrainResult(model, history, best[1])
 
 
 def finetune(model: nn.Module, train_data: Subset, task: Task, steps: int, lr: float = 1e-3,
-             batch_size: int = 128, seed: int = 0) -> nn.Module:
-    """A fixed number of AdamW steps on a (pruned) model: the draft's second scenario."""
+             batch_size: int = 128, seed: int = 0, *,
+             augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+             schedule: Literal["constant", "cosine"] = "constant", device: str | None = None) -> nn.Module:
+    """A fixed number of AdamW steps on a (pruned) model: the draft's second scenario. Trains ``model``
+    itself (on ``device``, default: where it is); schedule "cosine" takes the lr from lr to 0 over the
+    steps; augment(x, generator) transforms each batch."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown schedule {schedule!r}; use 'constant' or 'cosine'")
     set_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    if device is not None:
+        model.to(device)
+    dev = _device_of(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps)))) \
+        if schedule == "cosine" else None
     model.train()
     done = 0
     while done < steps:
         for b in _batches(len(train_data), batch_size, gen):
-            loss = task.per_sample(model(train_data.inputs[b]), train_data.targets[b])[0].mean()
+            x, y = train_data.inputs[b].to(dev), train_data.targets[b].to(dev)
+            if augment is not None:
+                x = augment(x, gen)
+            loss = task.per_sample(model(x), y)[0].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             done += 1
             if done >= steps:
                 break

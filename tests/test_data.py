@@ -235,6 +235,23 @@ def test_normalize_cifar_standardizes(cifar) -> None:
     assert (x.std(dim=(0, 2, 3)) - 1).abs().max() < 0.05
 
 
+def test_cifar_augment_crops_padded_images_and_flips_half() -> None:
+    x = torch.randn(64, 3, 6, 6)
+    out = D.cifar_augment(x, torch.Generator().manual_seed(0), padding=2)
+    again = D.cifar_augment(x, torch.Generator().manual_seed(0), padding=2)
+    assert out.shape == x.shape and out.dtype == x.dtype and torch.equal(out, again)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    flips = 0
+    for i in range(len(x)):  # each image is one of the 5 x 5 crops of its padded copy, maybe mirrored
+        crops = [(padded[i, :, dy:dy + 6, dx:dx + 6], f) for dy in range(5) for dx in range(5) for f in (0, 1)]
+        match = [f for c, f in crops if torch.equal(out[i], c.flip(2) if f else c)]
+        assert match, f"image {i} is no crop of its padded copy"
+        flips += match[0]
+    assert 16 < flips < 48
+    with pytest.raises(ValueError, match="float batch"):
+        D.cifar_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.Generator())
+
+
 def test_subset_is_seeded_nested_and_shuffled(cifar) -> None:
     x, y = cifar["train"]
     xa, ya = subset(x, y, 200, seed=0)
