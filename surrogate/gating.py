@@ -7,8 +7,9 @@ expression is ``x * g`` (zero-neutral) or ``x * g + (1 - g)`` (one-neutral): wit
 so the all-ones mask reproduces the traced model bit for bit.
 
 ``prune(graph, mask)`` builds a smaller module in which cut edges are not computed: a cut term of an add is
-dropped, any other cut tensor becomes a constant (zeros or ones), and dead-code elimination removes every
-operation and parameter that only fed removed edges.
+dropped, any other cut tensor becomes a constant (zeros or ones, of the shape the tensor would have at the
+current inputs, so the pruned model runs at any input shape the original accepts), and dead-code elimination
+removes every operation and parameter that only fed removed edges.
 
 Head edges (``build_graph(heads=...)``) gate the chunks of an output projection's input one by one; pruning
 them drops the removed heads' input columns from the projection's weight.
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Any, Sequence
+import weakref
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -201,8 +203,9 @@ class GatedModel(nn.Module):
 
 def _zeros(ref: torch.Tensor, shape: tuple[int, ...], ref_shape: tuple[int, ...], dtype: torch.dtype,
            value: float) -> torch.Tensor:
-    """Constant standing in for a removed tensor. A dimension that matched the first input's dimension
-    at the same position when traced (the batch, a sequence length) follows that input at run time."""
+    """Constant standing in for a removed tensor when its shape cannot be computed at run time (see
+    ``_ShapeOracle``): a dimension that matched the first input's dimension at the same position when traced
+    (the batch, a sequence length) follows that input, every other dimension keeps its traced size."""
     shape = tuple(ref.shape[d] if d < len(ref_shape) and n == ref_shape[d] else n
                   for d, n in enumerate(shape))
     return torch.full(shape, value, dtype=dtype, device=ref.device)
@@ -211,11 +214,123 @@ def _zeros(ref: torch.Tensor, shape: tuple[int, ...], ref_shape: tuple[int, ...]
 torch.fx.wrap("_zeros")
 
 
+class _ShapeOracle:
+    """Shapes that tensors of the traced model take at the current input shapes.
+
+    A removed tensor is not computed in the pruned model, but the constant replacing it must have the shape
+    the tensor would have had at these inputs (an image size or sequence length other than the traced one
+    changes the spatial or sequence dimensions). The oracle runs the traced graph on meta tensors (shapes
+    only: no data, no arithmetic, parameters cost no memory) once per distinct input signature and keeps the
+    shapes of the tensors ``names``. It is kept outside the module tree (a plain attribute of
+    ``RemovedTensors``): moving, training or saving the pruned model's state never touches it.
+    """
+
+    _MAX_CACHED = 64
+
+    def __init__(self, module: fx.GraphModule, names: Sequence[str]):
+        self.module = _meta_clone(module)
+        self.names = tuple(dict.fromkeys(names))
+        self._cache: dict[tuple, dict[str, torch.Size]] = {}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ShapeOracle:
+        copied = copy.copy(self)  # the meta module holds no data and is never written: shared
+        copied._cache = {}
+        return copied
+
+    def shapes(self, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Size]:
+        key = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x for x in inputs)
+        found = self._cache.get(key)
+        if found is None:
+            if len(self._cache) >= self._MAX_CACHED:
+                self._cache.clear()
+            found = self._cache[key] = self._run(inputs)
+        return found
+
+    def _run(self, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Size]:
+        wanted, found = set(self.names), {}
+
+        class _Done(Exception):
+            pass
+
+        class _Rec(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                out = super().run_node(n)
+                if n.name in wanted:
+                    found[n.name] = out.shape
+                    if len(found) == len(wanted):
+                        raise _Done  # the rest of the graph is not needed
+                return out
+
+        metas = [torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else x
+                 for x in inputs]
+        try:
+            with torch.no_grad():
+                _Rec(self.module).run(*metas)
+        except _Done:
+            pass
+        return found
+
+    def agrees(self, inputs: Sequence[torch.Tensor], expected: dict[str, tuple[int, ...]]) -> bool:
+        """Whether the meta pass works and reproduces the traced shapes at the traced inputs."""
+        try:
+            found = self._run(inputs)
+        except Exception:  # noqa: BLE001 - an op without a meta kernel: keep the traced shapes
+            return False
+        return all(tuple(found.get(n, ())) == tuple(s) for n, s in expected.items())
+
+
+_META_CLONES: weakref.WeakKeyDictionary[fx.GraphModule, fx.GraphModule] = weakref.WeakKeyDictionary()
+
+
+def _meta_clone(module: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the traced module whose parameters and buffers are meta tensors (made once per module).
+    Pruned models share it: nothing writes to it (it stays in eval mode, outside their module tree)."""
+    clone = _META_CLONES.get(module)
+    if clone is None:
+        memo: dict[int, Any] = {}
+        for t in module.parameters():
+            memo[id(t)] = nn.Parameter(t.detach().to("meta"), requires_grad=t.requires_grad)
+        for t in module.buffers():
+            memo[id(t)] = t.detach().to("meta")
+        for sub in module.modules():  # plain tensor attributes (constants of an exported graph)
+            for t in vars(sub).values():
+                if isinstance(t, torch.Tensor) and id(t) not in memo:
+                    memo[id(t)] = t.detach().to("meta")
+        clone = _META_CLONES[module] = copy.deepcopy(module, memo).eval()  # shapes are alike in train mode
+    return clone
+
+
+class RemovedTensors(nn.Module):
+    """The constants that stand in for removed tensors in a pruned model: ``self(name, dtype, value,
+    *inputs)`` is filled with ``value`` and has the shape that the traced tensor ``name`` has at these
+    inputs. It has no parameters or buffers."""
+
+    def __init__(self, oracle: _ShapeOracle):
+        super().__init__()
+        self.oracle = oracle
+
+    def forward(self, name: str, dtype: torch.dtype, value: float, *inputs: torch.Tensor) -> torch.Tensor:
+        try:
+            shape = self.oracle.shapes(inputs)[name]
+        except Exception as exc:
+            shapes = [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
+            raise RuntimeError(f"the pruned model cannot run on inputs of shapes {shapes}: the traced model "
+                               f"itself fails at these shapes ({type(exc).__name__}: {exc}). Use input shapes "
+                               "the original model accepts.") from exc
+        return torch.full(shape, value, dtype=dtype, device=inputs[0].device)
+
+
+_CONSTANTS_PATH = "_surrogate_removed"
+
+
 def prune(graph: ComputationGraph, mask: Any) -> fx.GraphModule:
     """A physically smaller copy of the model with the edges where ``mask`` is 0 removed.
 
     Its outputs equal ``GatedModel(graph)(x, mask=mask)`` (bit for bit, except that an output projection
-    with removed heads sums over fewer input columns, which can change the last bits). Parameters that only
+    with removed heads sums over fewer input columns, which can change the last bits), also at input shapes
+    other than the traced ones (another image size, sequence length or batch size) wherever the original
+    model runs: the constant replacing a removed tensor takes the shape that tensor would have at the
+    current inputs (computed on meta tensors, once per input signature). Parameters that only
     fed removed edges are gone. An output projection with removed heads is replaced, at the same module
     path, by a module of the same class with only the kept heads' input columns (fed with those chunks of
     its input); with every head removed, by an ``EmptyProjection`` (its bias). The query/key/value
@@ -226,8 +341,12 @@ def prune(graph: ComputationGraph, mask: Any) -> fx.GraphModule:
     m = check_mask(mask, graph.num_prunable, binary=True, batch=False)
     g = copy.deepcopy(graph.module.graph)
     by_name = {n.name: n for n in g.nodes}
-    ref = next(n for n in g.nodes if n.op == "placeholder")
-    ref_shape = graph.node_info[ref.name][0]
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+
+    def constant(name: str, value: float) -> fx.Node:
+        """A node of the constant replacing the removed tensor ``name`` (see ``RemovedTensors``)."""
+        return g.call_module(_CONSTANTS_PATH, (name, graph.node_info[name][1], value, *placeholders))
+
     removed_heads: dict[str, set[int]] = {}  # projection vertex -> removed heads
     for i, edge in enumerate(graph.prunable):
         if m[i] == 1:
@@ -240,14 +359,31 @@ def prune(graph: ComputationGraph, mask: Any) -> fx.GraphModule:
             producer, consumer = by_name[p], by_name[c]
             if _drop_term(consumer, producer, graph, one):
                 continue
-            shape, dtype = graph.node_info[p]
             with g.inserting_before(consumer):
-                const = g.call_function(_zeros, (ref, shape, ref_shape, dtype, 1.0 if one else 0.0))
+                const = constant(p, 1.0 if one else 0.0)
             consumer.replace_input_with(producer, const)
-    pruned = fx.GraphModule(graph.module, g)
-    smaller = [_prune_heads(pruned, graph, graph.head_splits[v], removed, by_name, ref, ref_shape)
+    stand_in = nn.Module()  # the target of the constants' nodes until their shapes are known (below)
+    graph.module.add_submodule(_CONSTANTS_PATH, stand_in)
+    try:
+        pruned = fx.GraphModule(graph.module, g)
+    finally:
+        delattr(graph.module, _CONSTANTS_PATH)
+    pruned.add_submodule(_CONSTANTS_PATH, stand_in)  # also when only head projections use it
+    smaller = [_prune_heads(pruned, graph, graph.head_splits[v], removed, by_name, constant)
                for v, removed in removed_heads.items()]
     pruned.graph.eliminate_dead_code(is_impure_node=_has_side_effect)
+    constants = [n for n in pruned.graph.nodes if n.op == "call_module" and n.target == _CONSTANTS_PATH]
+    if constants:
+        names = [n.args[0] for n in constants]
+        oracle = _ShapeOracle(graph.module, names)
+        if oracle.agrees(graph.example_inputs, {n: graph.node_info[n][0] for n in names}):
+            pruned.add_submodule(_CONSTANTS_PATH, RemovedTensors(oracle))
+        else:  # no meta kernel for some op: the traced shapes, following the first input where they matched
+            ref = placeholders[0]
+            for n in constants:
+                name, dtype, value = n.args[:3]
+                n.op, n.target = "call_function", _zeros
+                n.args = (ref, graph.node_info[name][0], graph.node_info[ref.name][0], dtype, value)
     for path, module in smaller:  # only now: the dead nodes read the old projection's weight
         _unshare_parents(pruned, graph.module, path)
         pruned.add_submodule(path, module)
@@ -349,7 +485,7 @@ def _smaller_projection(module: nn.Module, split: HeadSplit, kept: tuple[int, ..
 
 
 def _prune_heads(pruned: fx.GraphModule, graph: ComputationGraph, split: HeadSplit, removed: set[int],
-                 by_name: dict[str, fx.Node], ref: fx.Node, ref_shape: tuple[int, ...]
+                 by_name: dict[str, fx.Node], constant: Callable[[str, float], fx.Node]
                  ) -> tuple[str, nn.Module]:
     """Rewrite the projection call of ``split`` in ``pruned`` as a call of a smaller module at the same
     path; returns (path, module) for the caller to install after dead-code elimination. The projection's
@@ -364,8 +500,7 @@ def _prune_heads(pruned: fx.GraphModule, graph: ComputationGraph, split: HeadSpl
             arg = pruned.graph.call_function(_take_heads, (by_name[split.input], kept, split.heads))
         else:  # no head left: nothing reads the input, so the attention feeding it is dead code
             small = EmptyProjection(getattr(module, "bias", None))
-            shape, dtype = graph.node_info[split.output]
-            arg = pruned.graph.call_function(_zeros, (ref, shape, ref_shape, dtype, 0.0))
+            arg = constant(split.output, 0.0)  # zeros of the output's shape
     out.op, out.target, out.args, out.kwargs = "call_module", path, (arg,), {}
     return path, small
 
