@@ -1,6 +1,27 @@
-"""surrogate: computation-graph edge masking, importance scoring and surrogate-based structural pruning."""
-from .graph import ComputationGraph, Edge, TraceError, Vertex, build_graph, trace
-from .gating import GatedModel, check_mask, prune
+"""surrogate: computation-graph edge masking, importance scoring and surrogate-based structural pruning.
 
-__all__ = ["ComputationGraph", "Edge", "TraceError", "Vertex", "build_graph", "trace",
-           "GatedModel", "check_mask", "prune"]
+The names a user needs, in the order of use::
+
+    graph = build_graph(model, example_inputs)            # vertices = layers, prunable edges = data flow
+    gated = GatedModel(graph)                              # gated(x, mask=m): the network with edges removed
+    result = evaluate_masks(gated, masks, Subset(...), Task("classification"))
+    ctx = Context(graph, gated, scoring, task, Measured.of(masks, result))
+    predictor = fit_method("superposition", ctx)           # any name in METHODS
+    mask = select_mask(predictor, graph, Budget(edges=3))
+    smaller = prune(graph, mask)                           # a physically smaller nn.Module
+    auto_prune(model, scoring, task, Budget(edges=3))      # all of the above in one call
+    run_experiment(model, scoring, evaluation, task, ExperimentConfig(...))   # the studies' protocol
+"""
+from .evaluate import MaskEval, Subset, Task, evaluate_masks
+from .experiment import ExperimentConfig, GraphOptions, MaskFamily, run_experiment
+from .gating import GatedModel, check_mask, prune
+from .graph import ComputationGraph, TraceError, build_graph
+from .masks import prior_design
+from .methods import METHODS, fit_method, register_method
+from .pruning import Budget, auto_prune, select_mask
+from .scorers import Context, Measured
+
+__all__ = ["build_graph", "ComputationGraph", "TraceError", "GatedModel", "check_mask", "prune",
+           "Subset", "Task", "MaskEval", "evaluate_masks", "prior_design", "Measured", "Context",
+           "METHODS", "fit_method", "register_method", "Budget", "select_mask", "auto_prune",
+           "ExperimentConfig", "GraphOptions", "MaskFamily", "run_experiment"]

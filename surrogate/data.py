@@ -12,7 +12,6 @@ import hashlib
 import io
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .paths import cache_root
+from .paths import atomic_path, cache_root
 
 __all__ = ["DATA_DIR_ENV", "resolve_data_dir", "data_cache_dir",
            "TeacherTaskConfig", "TeacherTask", "make_teacher_task", "teacher_logits",
@@ -193,17 +192,10 @@ def _file_key(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write to a temp file and rename, so readers (or concurrent builders) never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Write atomically, so readers (or concurrent builders) never see a partial file."""
+    with atomic_path(path) as tmp:
+        with tmp.open("wb") as f:
             np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is meant to be shared like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _cached_arrays(path: Path, build: Callable[[], dict[str, np.ndarray]],

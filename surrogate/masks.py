@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Sequence
 
 import numpy as np
 
 from .graph import ComputationGraph
 
-__all__ = ["prior_design", "bernoulli_masks", "sparsity_masks", "pair_masks", "all_masks_with_removed",
-           "unique_rows"]
+__all__ = ["prior_design", "bernoulli_masks", "sparsity_masks", "exhaustive_masks", "pair_masks",
+           "all_masks_with_removed", "unique_rows"]
 
 
 def prior_design(num_edges: int) -> np.ndarray:
@@ -25,19 +26,33 @@ def bernoulli_masks(num_edges: int, n: int, keep_prob: float, seed: int) -> np.n
 
 def sparsity_masks(graph: ComputationGraph, n: int, min_frac: float, max_frac: float, seed: int,
                    connected: bool = True, exclude: np.ndarray | None = None,
-                   enumerate_limit: int = 50_000) -> np.ndarray:
-    """Up to n distinct masks removing between min_frac and max_frac of the edges (at least one edge),
+                   enumerate_limit: int = 50_000, allowed: np.ndarray | None = None,
+                   counts: Sequence[int] | None = None) -> np.ndarray:
+    """Up to n distinct masks removing between min_frac and max_frac of the removable edges (at least one),
     optionally only networks that keep an input->output path, and never a row of ``exclude`` (e.g. the
     fitting masks, so test masks are held out). Small spaces are enumerated and sampled without
-    replacement (all of them if fewer than n exist); large ones are sampled uniformly per removal count."""
+    replacement (all of them if fewer than n exist); large ones are sampled uniformly per removal count.
+
+    allowed: (E,) booleans, which edges may be removed (default: all); the fractions are of these.
+    counts: exact numbers of removed edges to draw from (instead of the fractions)."""
     e = graph.num_prunable
-    lo = max(1, math.ceil(min_frac * e))
-    hi = max(lo, math.floor(max_frac * e))
+    idx = np.arange(e) if allowed is None else np.flatnonzero(np.asarray(allowed, dtype=bool))
+    a = len(idx)
+    if counts is not None:
+        ks = sorted({int(k) for k in counts})
+        if not ks or ks[0] < 1 or ks[-1] > a:
+            raise ValueError(f"removal counts {list(counts)} must lie in 1..{a} (the removable edges)")
+    else:
+        lo = max(1, math.ceil(min_frac * a))
+        hi = max(lo, math.floor(max_frac * a))
+        ks = list(range(lo, min(hi, a) + 1))
+        if not ks:
+            raise ValueError("no edge may be removed: check `allowed`")
     rng = np.random.default_rng(seed)
     seen = {r.astype(np.float32).tobytes() for r in (exclude if exclude is not None else [])}
-    space = sum(math.comb(e, k) for k in range(lo, hi + 1))
+    space = sum(math.comb(a, k) for k in ks)
     if space <= enumerate_limit:
-        cand = np.vstack([all_masks_with_removed(e, k) for k in range(lo, hi + 1)])
+        cand = np.vstack([_embed(all_masks_with_removed(a, k), idx, e) for k in ks])
         ok = np.array([r.tobytes() not in seen for r in cand])
         if connected:
             ok &= graph.connected(cand)
@@ -47,18 +62,36 @@ def sparsity_masks(graph: ComputationGraph, n: int, min_frac: float, max_frac: f
     for _ in range(200 * n):
         if len(out) == n:
             break
-        k = int(rng.integers(lo, hi + 1))
+        k = int(rng.integers(ks[0], ks[-1] + 1)) if counts is None else int(rng.choice(ks))
         m = np.ones(e, dtype=np.float32)
-        m[rng.choice(e, size=k, replace=False)] = 0
+        m[idx[rng.choice(a, size=k, replace=False)]] = 0
         key = m.tobytes()
         if key in seen or (connected and not graph.connected(m)):
             continue
         seen.add(key)
         out.append(m)
     if len(out) < n:
-        raise RuntimeError(f"drew only {len(out)} of {n} distinct masks removing {lo}-{hi} of {e} edges"
+        raise RuntimeError(f"drew only {len(out)} of {n} distinct masks removing {ks[0]}-{ks[-1]} of {a} edges"
                            f"{' with a connected network' if connected else ''}; ask for fewer masks")
     return np.stack(out) if out else np.zeros((0, e), dtype=np.float32)
+
+
+def _embed(masks: np.ndarray, idx: np.ndarray, num_edges: int) -> np.ndarray:
+    """Masks over the edges ``idx`` as masks over all ``num_edges`` edges (the others kept)."""
+    if len(idx) == num_edges:
+        return masks
+    out = np.ones((len(masks), num_edges), dtype=np.float32)
+    out[:, idx] = masks
+    return out
+
+
+def exhaustive_masks(num_edges: int, counts: Sequence[int] | None = None,
+                     allowed: np.ndarray | None = None) -> np.ndarray:
+    """Every mask that removes ``counts`` (default: any number, 0 included) of the ``allowed`` edges and keeps
+    the others, ordered by the number removed (e.g. all 2^9 masks over the 9 residual branches of a ResNet-20)."""
+    idx = np.arange(num_edges) if allowed is None else np.flatnonzero(np.asarray(allowed, dtype=bool))
+    ks = range(len(idx) + 1) if counts is None else sorted({int(k) for k in counts})
+    return np.vstack([_embed(all_masks_with_removed(len(idx), k), idx, num_edges) for k in ks])
 
 
 def pair_masks(num_edges: int, n: int | None, seed: int) -> np.ndarray:

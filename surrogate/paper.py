@@ -12,12 +12,10 @@ return ``Raw``). Inside a DataFrame pandas may turn ``Raw`` into plain ``str``, 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import os
 import re
-import tempfile
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +24,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from .paths import atomic_path, atomic_write, project_dir
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["project_root", "atomic_write", "atomic_path", "Raw", "escape_latex", "fmt", "format_mean_std",
+__all__ = ["macro_name", "Macros", "project_root", "atomic_write", "atomic_path", "Raw", "escape_latex", "fmt", "format_mean_std",
            "write_macros", "write_table", "write_csv", "save_figure", "OutputDirs", "output_dirs"]
 
 MISSING = "--"  # what None / NaN print as, in macros and tables
@@ -43,41 +43,9 @@ _MACRO_ESCAPES = {c: _FULL_ESCAPES[c] for c in "%&_#"}
 # ----------------------------------------------------------------------------------------------- paths
 
 def project_root() -> Path:
-    """The repository root: the nearest folder above this file that holds pyproject.toml."""
-    here = Path(__file__).resolve().parent
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").is_file():
-            return folder
-    raise FileNotFoundError(f"no pyproject.toml in any parent of {here}; is the package installed from a checkout?")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is deleted.
-
-    The temporary file keeps ``path``'s suffix so tools that pick a format from the name still work.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        # mkstemp creates the file 0600; keep an existing file's mode, else the usual 0644
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
-    """Write ``data`` to ``path`` atomically (str as UTF-8 with '\\n' line endings, unchanged)."""
-    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(raw)
+    """The project the user runs in (``surrogate.paths.project_dir``: the nearest folder above the working
+    directory holding pyproject.toml or .git), not wherever the package is installed."""
+    return project_dir()
 
 
 @dataclass(frozen=True)
@@ -179,6 +147,35 @@ def _suggest_macro_name(name: str) -> str:
     """'acc_top1' -> 'AccTopOne': CamelCase the words, spell out the digits."""
     words = re.findall(r"[A-Za-z]+|[0-9]", name)
     return "".join(_DIGIT_WORDS[int(w)] if w.isdigit() else w[:1].upper() + w[1:] for w in words) or "Value"
+
+
+def macro_name(*parts: object) -> str:
+    """A TeX macro name from parts: each part CamelCased, digits spelled out, other characters dropped:
+    ``macro_name("Syn", "prior", "taylor2", 14)`` -> 'SynPriorTaylorTwoOneFour'."""
+    if not parts:
+        raise ValueError("macro_name needs at least one part")
+    return "".join(_suggest_macro_name(str(p)) for p in parts)
+
+
+class Macros(dict):
+    """The numbers a notebook hands to the paper: a dict that refuses to define a name twice with another
+    value (two results silently sharing one macro name would print the wrong number)."""
+
+    def __setitem__(self, name: str, value: object) -> None:
+        if name in self and not _same(self[name], value):
+            raise KeyError(f"macro {name!r} is defined twice ({self[name]!r} and {value!r}); make the names distinct")
+        super().__setitem__(name, value)
+
+    def update(self, *args: Any, **kw: Any) -> None:  # route through __setitem__
+        for k, v in dict(*args, **kw).items():
+            self[k] = v
+
+
+def _same(a: object, b: object) -> bool:
+    try:
+        return bool(a == b) or (_is_missing(a) and _is_missing(b))
+    except (TypeError, ValueError):
+        return a is b
 
 
 def write_macros(path: str | os.PathLike[str], values: Mapping[str, object], prefix: str = "", *,

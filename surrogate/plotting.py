@@ -1,14 +1,114 @@
-"""Figures: a layered drawing of a computation graph with its prunable edges (and their importances)."""
+"""Figures: one seaborn theme for every figure, the studies' recurring plots (metric against a budget or a
+count over seeds, predicted against true loss), and a layered drawing of a computation graph with its
+prunable edges (and their importances).
+
+Sizes are in inches at the size printed: ``COLUMN`` (one column of the paper) and ``TEXT`` (full width);
+the theme's fonts are 8 pt, so text stays readable when a figure is included at its own width.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 if TYPE_CHECKING:
+    import pandas as pd
     from .graph import ComputationGraph
 
-__all__ = ["layered_layout", "draw_graph"]
+__all__ = ["COLUMN", "TEXT", "set_theme", "method_palette", "lines", "scatter_grid", "layered_layout",
+           "draw_graph"]
+
+COLUMN, TEXT = 3.3, 6.8   # inches
+
+
+def set_theme() -> None:
+    """The project's figure style: seaborn "paper" context, white grid, 8 pt text, vector-friendly PDFs."""
+    import matplotlib
+    import seaborn as sns
+    sns.set_theme(context="paper", style="whitegrid", font_scale=1.0,
+                  rc={"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7,
+                      "ytick.labelsize": 7, "legend.fontsize": 7, "legend.title_fontsize": 7,
+                      "lines.linewidth": 1.2, "lines.markersize": 3.5, "pdf.fonttype": 42,
+                      "savefig.bbox": "tight", "savefig.pad_inches": 0.02})
+    matplotlib.rcParams["axes.titleweight"] = "normal"
+
+
+def method_palette(methods: Sequence[str]) -> dict[str, Any]:
+    """One colour per method, stable across figures: ours in strong colours first, baselines after."""
+    import seaborn as sns
+    from .methods import METHODS
+    colours = sns.color_palette("tab10", 10) + sns.color_palette("Set2", 8)
+    ranked = sorted(methods, key=lambda m: (not (m in METHODS and METHODS[m].ours), list(METHODS).index(m)
+                                           if m in METHODS else len(METHODS)))
+    return {m: colours[i % len(colours)] for i, m in enumerate(ranked)}
+
+
+def lines(df: "pd.DataFrame", x: str, y: str, methods: Sequence[str], *, panel: str | None = None,
+          panels: Sequence[Any] | None = None, panel_title: Callable[[Any], str] = str, xlabel: str | None = None,
+          ylabel: str | None = None, width: float = TEXT, height: float = 2.0, logy: str | None = None,
+          reference: "pd.DataFrame | None" = None, reference_label: str = "reference", legend: bool = True,
+          labels: Callable[[str], str] | None = None, max_panels: int = 8):
+    """Mean of ``y`` against ``x`` per method (one row per model in ``df``; error bars: standard error over
+    models), one panel per value of ``panel``; ours drawn thicker. ``reference``: rows with ``x``, ``y``
+    (and ``panel``) drawn as a dashed black line (e.g. the oracle). Returns the figure."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from .methods import METHODS, label as default_label
+    labels = labels or default_label
+    values = list(panels) if panels is not None else (sorted(df[panel].unique()) if panel else [None])
+    if len(values) > max_panels:
+        raise ValueError(f"{len(values)} panels are too many for one readable figure (at most {max_panels}); "
+                         "split the figure")
+    fig, axes = plt.subplots(1, len(values), figsize=(width, height), squeeze=False, sharey=False)
+    pal = method_palette(methods)
+    for ax, v in zip(axes[0], values):
+        sub = df if panel is None else df[df[panel] == v]
+        for m in methods:
+            d = sub[sub.method == m]
+            if not len(d):
+                continue
+            thick = m in METHODS and METHODS[m].ours
+            sns.lineplot(data=d, x=x, y=y, ax=ax, color=pal[m], errorbar="se", marker="o", err_style="bars",
+                         err_kws={"capsize": 1.5}, lw=2.0 if thick else 1.0, label=labels(m), legend=False)
+        if reference is not None:
+            r = reference if panel is None else reference[reference[panel] == v]
+            if len(r):
+                sns.lineplot(data=r, x=x, y=y, ax=ax, color="black", ls="--", lw=1.0, errorbar="se",
+                             label=reference_label, legend=False)
+        if logy:
+            ax.set_yscale(logy, **({"linthresh": 0.01} if logy == "symlog" else {}))
+        ax.set_title(panel_title(v) if panel else "")
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel(ylabel or y if ax is axes[0, 0] else "")
+    if legend:
+        handles, names = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(5, len(names)),
+                   frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def scatter_grid(predictions: Mapping[str, np.ndarray], truth: np.ndarray, methods: Sequence[str], *,
+                 rho: Mapping[str, float] | None = None, width: float = TEXT, height: float = 1.7,
+                 ylabel: str = "true loss", labels: Callable[[str], str] | None = None, max_panels: int = 8):
+    """Predicted against true loss, one panel per method (methods with a constant prediction are left out:
+    an empty panel says nothing). ``rho``: a correlation shown in each title. Returns the figure."""
+    import matplotlib.pyplot as plt
+    from .methods import label as default_label
+    labels = labels or default_label
+    shown = [m for m in methods if m in predictions and np.ptp(np.asarray(predictions[m])) > 0][:max_panels]
+    if not shown:
+        raise ValueError("no method has a non-constant prediction to plot")
+    fig, axes = plt.subplots(1, len(shown), figsize=(width, height), squeeze=False)
+    for ax, m in zip(axes[0], shown):
+        ax.scatter(predictions[m], truth, s=4, alpha=0.5, lw=0, color="tab:blue")
+        title = labels(m).split(" (")[0]
+        ax.set_title(title + (f"\n$\\rho$ = {float(rho[m]):.2f}" if rho is not None and m in rho else ""))
+        ax.set_xlabel("prediction")
+        ax.locator_params(nbins=4)
+    axes[0, 0].set_ylabel(ylabel)
+    fig.tight_layout()
+    return fig
 
 
 def layered_layout(graph: "ComputationGraph") -> dict[str, tuple[float, float]]:

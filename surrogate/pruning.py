@@ -14,8 +14,8 @@ from .evaluate import Subset, Task, evaluate_masks
 from .gating import GatedModel, prune
 from .graph import ComputationGraph, HeadSplit, build_graph
 from .masks import prior_design, sparsity_masks
-from .scorers import SCORERS, AdditivePredictor, Context, Predictor, score
-from .surrogates import SURROGATES, make_surrogate
+from .methods import METHODS, fit_method
+from .scorers import AdditivePredictor, Context, Measured, Predictor
 
 __all__ = ["Budget", "CostModel", "select_mask", "PruneResult", "auto_prune"]
 
@@ -157,20 +157,35 @@ def _over_budget(budget: Budget, costs: CostModel | None, masks: np.ndarray) -> 
     return params > budget.max_params if budget.max_params is not None else macs > budget.max_macs
 
 
-def select_mask(predictor: Predictor, num_edges: int, budget: Budget, *,
+def select_mask(predictor: Predictor, graph: ComputationGraph | int, budget: Budget, *,
                 search: Literal["auto", "greedy", "beam"] = "auto", beam_width: int = 8,
-                costs: CostModel | None = None, allowed: np.ndarray | None = None) -> np.ndarray:
+                costs: CostModel | None = None, allowed: np.ndarray | None = None,
+                allow_disconnected: bool = False) -> np.ndarray:
     """The mask with the lowest predicted loss found under ``budget``.
 
     For an additive predictor and an edge budget the answer is exact (remove the b least important edges);
     otherwise edges are removed one at a time (greedy, or a beam of ``beam_width`` partial masks), each
     step taking the removal with the lowest predicted loss -- per unit of cost saved for parameter/MAC
-    budgets. ``allowed``: optional (E,) boolean, which edges may be removed."""
+    budgets. ``allowed``: optional (E,) boolean, which edges may be removed.
+
+    The pick keeps an input->output path (a network cut off from its input computes a constant): partial
+    masks that disconnect the network are never extended. ``allow_disconnected=True`` lifts this, and is
+    required when only the number of edges (not the graph) is given."""
+    if isinstance(graph, int):
+        if not allow_disconnected:
+            raise ValueError("select_mask needs the graph to keep the pick connected; pass the "
+                             "ComputationGraph, or allow_disconnected=True with the number of edges")
+        num_edges, check = graph, None
+    else:
+        num_edges = graph.num_prunable
+        check = None if allow_disconnected else graph.connected
     if budget.edges is not None and not 0 <= budget.edges <= num_edges:
         raise ValueError(f"cannot remove {budget.edges} of {num_edges} edges")
     if budget.edges is None and costs is None:
         raise ValueError("a parameter or MAC budget needs a CostModel(graph)")
     allowed = np.ones(num_edges, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    if allowed.shape != (num_edges,):
+        raise ValueError(f"allowed must have one entry per prunable edge ({num_edges}), got shape {allowed.shape}")
     start = np.ones((1, num_edges), dtype=np.float32)
     if not _over_budget(budget, costs, start)[0]:
         return start[0]
@@ -182,7 +197,9 @@ def select_mask(predictor: Predictor, num_edges: int, budget: Budget, *,
             raise ValueError(f"only {len(order)} edges may be removed, the budget asks for {budget.edges}")
         mask = start[0].copy()
         mask[order[:budget.edges]] = 0
-        return mask
+        if check is None or check(mask):
+            return mask
+        search = "beam"  # the b least important edges cut the network: search among connected masks
     width = 1 if search == "greedy" else beam_width
     beam = start
     while True:
@@ -192,8 +209,12 @@ def select_mask(predictor: Predictor, num_edges: int, budget: Budget, *,
                 c = m.copy()
                 c[i] = 0
                 children.append(c)
+        if children and check is not None:
+            children = [c for c, ok in zip(children, check(np.stack(children))) if ok]
         if not children:
-            raise ValueError("the budget cannot be met by removing allowed edges")
+            raise ValueError("the budget cannot be met by removing allowed edges"
+                             + ("" if check is None else " while keeping an input->output path "
+                                "(allow_disconnected=True lifts this)"))
         children = np.unique(np.stack(children), axis=0)
         pred = predictor.predict(children)
         if budget.edges is None:  # rank by predicted loss per unit of cost saved
@@ -222,6 +243,7 @@ class PruneResult:
     model: nn.Module             # the physically pruned model
     predictor: Predictor         # what chose the mask
     fit_masks: np.ndarray        # masks measured to fit it (empty for zero-shot scorers)
+    connected: bool              # whether the pruned network keeps an input->output path
     params: tuple[int, int]      # before, after
     macs: tuple[int, int]        # per example, before, after
 
@@ -230,7 +252,8 @@ def auto_prune(model: nn.Module, scoring: Subset, task: Task, budget: Budget, *,
                method: str = "superposition", edges: Any = "merge", vertices: Any = None,
                extra_masks: int = 0, search: Literal["auto", "greedy", "beam"] = "auto",
                finetune_steps: int = 0, train_data: Subset | None = None, seed: int = 0,
-               batch_size: int = 256, heads: Mapping[str, int] | None = None) -> PruneResult:
+               batch_size: int = 256, heads: Mapping[str, int] | None = None,
+               allow_disconnected: bool = False, progress: bool = False) -> PruneResult:
     """One call for the common case: build the graph, measure the fitting masks on the small scoring
     subset (|E|+2, plus ``extra_masks`` random masks removing 5-25% of the edges), fit ``method`` (a
     surrogate or a scorer name), choose the mask under ``budget``, remove it physically, and optionally
@@ -238,38 +261,37 @@ def auto_prune(model: nn.Module, scoring: Subset, task: Task, budget: Budget, *,
 
     ``vertices``, ``edges`` and ``heads`` are passed to ``build_graph``: ``heads={pattern: number of
     heads}`` adds one prunable edge per attention head of every output projection whose module path
-    matches the pattern (e.g. ``{r"attn\\.c_proj$": 12}`` for GPT-2), so that whole heads can be removed."""
+    matches the pattern (e.g. ``{r"attn\\.c_proj$": 12}`` for GPT-2), so that whole heads can be removed.
+    The pick keeps an input->output path unless ``allow_disconnected``; ``progress`` shows a progress bar
+    while the fitting masks are measured. The model itself is not changed (measurements run in eval mode
+    and restore every module's mode; pruning and fine-tuning work on a copy)."""
     from .train import finetune
     example = scoring.inputs[: min(2, len(scoring))]
     graph = build_graph(model, example, vertices=vertices, edges=edges, heads=heads)
     gated = GatedModel(graph)
     e = graph.num_prunable
-    fit = np.zeros((0, e), dtype=np.float32)
-    losses, outputs = np.zeros(0), None
-    if method in SURROGATES:
+    if method not in METHODS:
+        raise KeyError(f"unknown method {method!r}; registered: {', '.join(METHODS)}")
+    measured = None
+    if METHODS[method].fitted:
         fit = prior_design(e)
         if extra_masks:
             fit = np.vstack([fit, sparsity_masks(graph, extra_masks, 0.05, 0.25, seed=seed, exclude=fit)])
-        # the superposition surrogate is built from the outputs of these passes: keep them instead of
-        # measuring the single-edge masks a second time
-        measured = evaluate_masks(gated, fit, scoring, task, batch_size=batch_size,
-                                  keep_outputs=method == "superposition")
-        losses, outputs = measured.loss, measured.outputs
-    ctx = Context(graph, gated, scoring, task, fit if len(fit) else None, losses if len(fit) else None,
-                  outputs if len(fit) else None, seed=seed, batch_size=batch_size)
-    if method in SURROGATES:
-        predictor: Predictor = make_surrogate(method, ctx).fit(fit, losses)
-    elif method in SCORERS:
-        predictor = score(method, ctx)
-    else:
-        raise KeyError(f"unknown method {method!r}; surrogates: {sorted(SURROGATES)}, scorers: {sorted(SCORERS)}")
+        # a method built from the outputs of these passes (superposition) gets them instead of measuring
+        # the single-edge masks a second time
+        result = evaluate_masks(gated, fit, scoring, task, batch_size=batch_size,
+                                keep_outputs=METHODS[method].needs_outputs, progress=progress)
+        measured = Measured.of(fit, result)
+    ctx = Context(graph, gated, scoring, task, measured, seed=seed, batch_size=batch_size)
+    predictor = fit_method(method, ctx)
     costs = CostModel(graph)
-    mask = select_mask(predictor, e, budget, search=search, costs=costs)
+    mask = select_mask(predictor, graph, budget, search=search, costs=costs, allow_disconnected=allow_disconnected)
     pruned = prune(graph, mask)
     if finetune_steps:
         if train_data is None:
             raise ValueError("finetune_steps > 0 needs train_data")
         pruned = finetune(pruned, train_data, task, finetune_steps, seed=seed)
     (p0, p1), (c0, c1) = costs.cost(np.vstack([np.ones(e), mask]))
+    fit = measured.masks if measured is not None else np.zeros((0, e), dtype=np.float32)
     return PruneResult(mask, [n for n, k in zip(graph.edge_names, mask) if k == 0], pruned, predictor, fit,
-                       (int(p0), int(p1)), (int(c0), int(c1)))
+                       bool(graph.connected(mask)), (int(p0), int(p1)), (int(c0), int(c1)))

@@ -7,7 +7,7 @@ whether the network is disconnected (connectivity). No sign is ever flipped afte
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -19,56 +19,120 @@ from .gating import GatedModel, prune
 from .graph import ComputationGraph
 from .masks import prior_design
 
-__all__ = ["Context", "Predictor", "AdditivePredictor", "QuadraticPredictor", "ConnectivityPredictor", "FlowPredictor",
-           "gate_derivatives", "SCORERS", "score", "register_scorer"]
+__all__ = ["Measured", "Context", "Predictor", "AdditivePredictor", "QuadraticPredictor", "ConnectivityPredictor",
+           "FlowPredictor", "gate_derivatives", "edge_activation_l1", "exclusive_param_l1"]
+
+
+@dataclass(frozen=True, eq=False)
+class Measured:
+    """Masks measured on one data subset: their losses S(m) and, if kept, their outputs. Methods that are
+    fitted (surrogates) or that reuse measured losses (leave-one-out) read them from here; it travels once,
+    inside the ``Context``."""
+    masks: np.ndarray                      # (K, E) float32, 1 = kept
+    losses: np.ndarray                     # (K,) S(m) on the subset
+    outputs: torch.Tensor | None = None    # (K, n, ...) the model's outputs under each mask, if kept
+    subset: str = "scoring"
+
+    def __post_init__(self) -> None:
+        m = np.asarray(self.masks, dtype=np.float32)
+        m = m[None] if m.ndim == 1 else m
+        y = np.asarray(self.losses, dtype=np.float64).reshape(-1)
+        if m.ndim != 2:
+            raise ValueError(f"measured masks must have shape (K, E), got {m.shape}")
+        if len(y) != len(m):
+            raise ValueError(f"{len(m)} measured masks but {len(y)} losses")
+        if not np.isfinite(y).all():
+            raise ValueError("measured losses contain NaN or infinite values")
+        if self.outputs is not None and len(self.outputs) != len(m):
+            raise ValueError(f"{len(m)} measured masks but outputs for {len(self.outputs)}")
+        object.__setattr__(self, "masks", m)
+        object.__setattr__(self, "losses", y)
+
+    @classmethod
+    def of(cls, masks: Any, result: Any) -> "Measured":
+        """From the masks given to ``evaluate_masks`` and what it returned (a ``MaskEval``)."""
+        return cls(np.asarray(masks), result.loss, result.outputs, result.subset)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @property
+    def num_edges(self) -> int:
+        return self.masks.shape[1]
+
+    def rows(self, wanted: np.ndarray) -> list[int] | None:
+        """Row of each ``wanted`` mask among the measured ones, or None if any of them was not measured."""
+        index = {row.tobytes(): i for i, row in enumerate(self.masks)}
+        rows = [index.get(np.asarray(w, dtype=np.float32).tobytes()) for w in wanted]
+        return None if any(r is None for r in rows) else rows
+
+    def head(self, k: int) -> "Measured":
+        """The first k measurements (nested fitting sets, e.g. for sample-efficiency curves)."""
+        return Measured(self.masks[:k], self.losses[:k], None if self.outputs is None else self.outputs[:k],
+                        self.subset)
 
 
 @dataclass
 class Context:
-    """What a method may use: the model, its graph, the small scoring subset, and measured masks."""
+    """What a method may use: the model, its graph, the small scoring subset, and the masks measured on it.
+
+    ``memo`` caches expensive quantities (derivatives, shares, single-edge outputs) so that methods scored
+    on one context share them; ``with_measured`` gives a context with other measurements and the same memo.
+    """
     graph: ComputationGraph
-    gated: GatedModel
-    scoring: Subset
-    task: Task
-    fit_masks: np.ndarray | None = None   # (K, E) masks measured on the scoring subset
-    fit_losses: np.ndarray | None = None  # (K,) their losses S(m) on the scoring subset
-    fit_outputs: torch.Tensor | None = None  # (K, n, ...) their outputs on the scoring subset, if kept
+    gated: GatedModel | None
+    scoring: Subset | None
+    task: Task | None
+    measured: Measured | None = None
     seed: int = 0
     batch_size: int = 512
     memo: dict[str, Any] = field(default_factory=dict, repr=False)  # shared expensive quantities
+
+    def __post_init__(self) -> None:
+        if self.measured is not None and self.measured.num_edges != self.graph.num_prunable:
+            raise ValueError(f"measured masks have {self.measured.num_edges} entries but the graph has "
+                             f"{self.graph.num_prunable} prunable edges")
+
+    def with_measured(self, measured: Measured | None) -> "Context":
+        return replace(self, measured=measured, memo=self.memo)
 
     @property
     def num_edges(self) -> int:
         return self.graph.num_prunable
 
+    def _known(self, wanted: np.ndarray) -> np.ndarray | None:
+        rows = self.measured.rows(wanted) if self.measured is not None else None
+        return None if rows is None else self.measured.losses[rows]
+
     def base_loss(self) -> float:
         """S(1) on the scoring subset."""
         if "S1" not in self.memo:
             ones = np.ones(self.num_edges, dtype=np.float32)
-            known = _lookup(self.fit_masks, self.fit_losses, ones[None])
+            known = self._known(ones[None])
             self.memo["S1"] = float(known[0]) if known is not None else float(
                 evaluate_masks(self.gated, ones, self.scoring, self.task, batch_size=self.batch_size).loss[0])
         return self.memo["S1"]
 
     def single_edge_losses(self) -> np.ndarray:
-        """S(1 - e_i) for every edge i (measured; reused from the fitting masks when they include them)."""
+        """S(1 - e_i) for every edge i (measured; reused from the measured masks when they include them)."""
         if "loo" not in self.memo:
             singles = 1 - np.eye(self.num_edges, dtype=np.float32)
-            known = _lookup(self.fit_masks, self.fit_losses, singles)
+            known = self._known(singles)
             self.memo["loo"] = known if known is not None else evaluate_masks(
                 self.gated, singles, self.scoring, self.task, batch_size=self.batch_size).loss
         return self.memo["loo"]
 
     def single_edge_outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs on the scoring subset with all edges kept, (n, ...), and the change of the outputs when each
-        edge alone is removed, (E, n, ...): taken from ``fit_outputs`` when the fitting masks include them
-        (the prior design does), otherwise measured here (|E| + 1 passes over the scoring subset)."""
+        edge alone is removed, (E, n, ...): taken from the measured outputs when the measured masks include
+        them (the prior design does), otherwise measured here (|E| + 1 passes over the scoring subset)."""
         if "outputs" not in self.memo:
             e = self.num_edges
             wanted = np.vstack([np.ones(e), 1 - np.eye(e)]).astype(np.float32)
-            rows = _rows(self.fit_masks, wanted) if self.fit_outputs is not None else None
+            m = self.measured
+            rows = m.rows(wanted) if m is not None and m.outputs is not None else None
             if rows is not None:
-                y = self.fit_outputs[rows]
+                y = m.outputs[rows]
             else:
                 self._check_output_memory(e + 1)
                 y = evaluate_masks(self.gated, wanted, self.scoring, self.task, batch_size=self.batch_size,
@@ -103,21 +167,6 @@ class Context:
             self.memo[key] = gate_derivatives(self.gated, self.scoring, self.task, hessian=hessian,
                                               batch_size=self.batch_size)
         return self.memo[key]
-
-
-def _rows(masks: np.ndarray | None, wanted: np.ndarray) -> list[int] | None:
-    """Row of each ``wanted`` mask among the measured ``masks``, or None if any of them was not measured."""
-    if masks is None:
-        return None
-    index = {row.astype(np.float32).tobytes(): i for i, row in enumerate(masks)}
-    rows = [index.get(w.astype(np.float32).tobytes()) for w in wanted]
-    return None if any(r is None for r in rows) else rows
-
-
-def _lookup(masks: np.ndarray | None, losses: np.ndarray | None, wanted: np.ndarray) -> np.ndarray | None:
-    """Losses of ``wanted`` masks if every one of them is among the measured masks, else None."""
-    rows = _rows(masks, wanted) if losses is not None else None
-    return None if rows is None else np.asarray(losses)[rows]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,10 +257,15 @@ class FlowPredictor(Predictor):
 # gate-space derivatives
 
 def gate_derivatives(gated: GatedModel, data: Subset, task: Task, hessian: bool = True,
-                     batch_size: int = 512) -> tuple[float, np.ndarray, np.ndarray | None]:
+                     batch_size: int = 512, memory_budget: int = 2 ** 30, hvp_chunk: int = 4
+                     ) -> tuple[float, np.ndarray, np.ndarray | None]:
     """S(1), the exact gradient g = dS/dm and (optionally) Hessian H = d2S/dm2 at m = 1, on ``data``.
 
-    H costs |E| Hessian-vector products per batch (batched with vmap when the model allows it).
+    Cost: one forward and one backward pass over ``data`` for g; H adds E Hessian-vector products (E backward
+    passes through the double-backward graph), ``hvp_chunk`` of them batched at a time (vmap; one at a time
+    where an op has no batching rule). Memory: the autograd graph of one batch is kept for the Hessian-vector
+    products, so the batch is capped such that the tensors autograd saves for it (measured on two samples),
+    times 2 + ``hvp_chunk``, stay under ``memory_budget`` bytes, whatever the size of ``data``.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     e = gated.num_edges
@@ -219,6 +273,9 @@ def gate_derivatives(gated: GatedModel, data: Subset, task: Task, hessian: bool 
     hess = torch.zeros(e, e, dtype=torch.float64) if hessian else None
     n = len(data)
     with measuring(gated):
+        per_sample = _saved_bytes_per_sample(gated, data, task)
+        factor = (2 + hvp_chunk) if hessian else 2
+        batch_size = max(1, min(batch_size, memory_budget // max(1, per_sample * factor)))
         for b0 in range(0, n, batch_size):
             x, y = data.inputs[b0:b0 + batch_size], data.targets[b0:b0 + batch_size]
             gates = torch.ones(e, dtype=torch.float64, requires_grad=True)  # no rounding of g and H
@@ -226,7 +283,7 @@ def gate_derivatives(gated: GatedModel, data: Subset, task: Task, hessian: bool 
                 loss = task.per_sample(gated(x, mask=gates), y)[0].sum() / n
                 (g,) = torch.autograd.grad(loss, gates, create_graph=hessian)
                 if hessian:
-                    hess += _hessian_rows(g, gates).double()
+                    hess += _hessian_rows(g, gates, hvp_chunk).double()
             s1 += float(loss.detach())
             grad += g.detach().double()
     if hess is not None:
@@ -235,14 +292,37 @@ def gate_derivatives(gated: GatedModel, data: Subset, task: Task, hessian: bool 
     return s1, grad.numpy(), None
 
 
-def _hessian_rows(g: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+def _saved_bytes_per_sample(gated: GatedModel, data: Subset, task: Task) -> int:
+    """Bytes autograd saves for one more sample in a gated forward pass (the difference of 2 and 1 samples,
+    so parameters saved once per pass do not count)."""
+    def saved(k: int) -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+        gates = torch.ones(gated.num_edges, dtype=torch.float64, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            task.per_sample(gated(data.inputs[:k], mask=gates), data.targets[:k])[0].sum()
+        return total
+    if len(data) < 2:
+        return saved(1)
+    return max(1, saved(2) - saved(1))
+
+
+def _hessian_rows(g: torch.Tensor, gates: torch.Tensor, chunk: int) -> torch.Tensor:
     e = len(gates)
-    eye = torch.eye(e)
-    try:
-        (rows,) = torch.autograd.grad(g, gates, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
-        return rows
-    except RuntimeError:  # some ops have no batching rule: one Hessian-vector product at a time
-        return torch.stack([torch.autograd.grad(g, gates, v, retain_graph=True)[0] for v in eye])
+    eye = torch.eye(e, dtype=gates.dtype)
+    rows = []
+    for c0 in range(0, e, chunk):
+        vs = eye[c0:c0 + chunk]
+        try:
+            (r,) = torch.autograd.grad(g, gates, grad_outputs=vs, is_grads_batched=True, retain_graph=True)
+        except RuntimeError:  # some ops have no batching rule: one Hessian-vector product at a time
+            r = torch.stack([torch.autograd.grad(g, gates, v, retain_graph=True)[0] for v in vs])
+        rows.append(r)
+    return torch.cat(rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -290,74 +370,48 @@ def exclusive_param_l1(ctx: Context) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------
-# registry
+# the scorers (registered once, with their labels and pass counts, in surrogate.methods)
 
-SCORERS: dict[str, Callable[[Context], Predictor]] = {}
-
-
-def register_scorer(name: str) -> Callable:
-    def deco(fn: Callable[[Context], Predictor]) -> Callable[[Context], Predictor]:
-        SCORERS[name] = fn
-        return fn
-    return deco
-
-
-@register_scorer("random")
-def _random(ctx: Context) -> Predictor:
+def random_scorer(ctx: Context) -> Predictor:
     rng = np.random.default_rng(ctx.seed)
     return AdditivePredictor("random", rng.random(ctx.num_edges))
 
 
-@register_scorer("magnitude")
-def _magnitude(ctx: Context) -> Predictor:
+def magnitude_scorer(ctx: Context) -> Predictor:
     return AdditivePredictor("magnitude", edge_activation_l1(ctx))
 
 
-@register_scorer("param_l1")
-def _param_l1(ctx: Context) -> Predictor:
+def param_l1_scorer(ctx: Context) -> Predictor:
     return AdditivePredictor("param_l1", exclusive_param_l1(ctx))
 
 
-@register_scorer("taylor1")
-def _taylor1(ctx: Context) -> Predictor:
+def taylor1_scorer(ctx: Context) -> Predictor:
     # removing edge i moves its gate from 1 to 0: first-order loss change -g_i
     s1, g, _ = ctx.derivatives(hessian=False)
     return AdditivePredictor("taylor1", -g, base=s1)
 
 
-@register_scorer("taylor1_abs")
-def _taylor1_abs(ctx: Context) -> Predictor:
+def taylor1_abs_scorer(ctx: Context) -> Predictor:
     # |g_i|: the first-order criterion of Molchanov et al. (2019), importance regardless of sign
     _, g, _ = ctx.derivatives(hessian=False)
     return AdditivePredictor("taylor1_abs", np.abs(g))
 
 
-@register_scorer("taylor2")
-def _taylor2(ctx: Context) -> Predictor:
+def taylor2_scorer(ctx: Context) -> Predictor:
     s1, g, h = ctx.derivatives(hessian=True)
     return QuadraticPredictor("taylor2", s1, g, h)
 
 
-@register_scorer("connectivity")
-def _connectivity(ctx: Context) -> Predictor:
+def connectivity_scorer(ctx: Context) -> Predictor:
     return ConnectivityPredictor("connectivity", ctx.graph)
 
 
-@register_scorer("flow")
-def _flow(ctx: Context) -> Predictor:
+def flow_scorer(ctx: Context) -> Predictor:
     # zero-shot: merge shares measured in one pass, propagated through the graph (surrogate.flow)
     return FlowPredictor("flow", ctx.graph, ctx.shares())
 
 
-@register_scorer("loo")
-def _loo(ctx: Context) -> Predictor:
+def loo_scorer(ctx: Context) -> Predictor:
     # the leave-one-out oracle: measured loss increase of each single-edge removal, summed
     s1 = ctx.base_loss()
     return AdditivePredictor("loo", ctx.single_edge_losses() - s1, base=s1)
-
-
-def score(name: str, ctx: Context) -> Predictor:
-    """Run the scorer registered as ``name`` (see SCORERS)."""
-    if name not in SCORERS:
-        raise KeyError(f"unknown scorer {name!r}; choose one of {sorted(SCORERS)}")
-    return SCORERS[name](ctx)

@@ -1,7 +1,9 @@
 """Surrogate models: mask -> predicted loss, fitted on K measured masks.
 
-One interface: ``fit(masks, losses)``, ``predict(masks)``, ``importance`` (the predicted loss increase of
-removing each edge alone), selected by name with ``make_surrogate(name, ctx)``.
+One interface: ``Surrogate(ctx, **hparams).fit(measured)`` (a ``Measured``: masks and their losses, and
+outputs where a surrogate needs them; default: ``ctx.measured``), ``predict(masks)``, ``importance`` (the
+predicted loss increase of removing each edge alone). ``surrogate.methods.fit_method(name, ctx)`` selects
+them by name, with the scorers.
 
 - "linear": least squares on [1, m].
 - "fcn": a small MLP on m.
@@ -14,6 +16,7 @@ removing each edge alone), selected by name with ``make_surrogate(name, ctx)``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,17 +27,28 @@ import torch.nn.functional as F
 
 from .flow import FlowStructure
 from .graph import ComputationGraph
-from .scorers import Context, Predictor, _as_masks
+from .scorers import Context, Measured, Predictor, _as_masks
 
 __all__ = ["Surrogate", "LinearSurrogate", "MLPSurrogate", "PriorGraphSurrogate",
-           "GraphFlowSurrogate", "SuperpositionSurrogate", "SURROGATES", "make_surrogate", "register_surrogate"]
+           "GraphFlowSurrogate", "SuperpositionSurrogate"]
 
 
 class Surrogate(Predictor):
-    """Base class: subclasses implement fit and predict."""
+    """Base class: subclasses implement ``_fit(masks, losses)`` and ``predict``."""
     name = "surrogate"
+    ctx: Context
 
-    def fit(self, masks: np.ndarray, losses: np.ndarray) -> "Surrogate":
+    def fit(self, measured: Measured | None = None) -> "Surrogate":
+        """Fit on ``measured`` (default: the context's measurements)."""
+        measured = self.ctx.measured if measured is None else measured
+        if measured is None or len(measured) == 0:
+            raise ValueError(f"the {self.name!r} surrogate is fitted on measured masks: measure some with "
+                             "evaluate_masks and pass Measured.of(masks, result) (in the Context or to fit)")
+        m, y = _check_fit(measured.masks, measured.losses, self.num_edges)
+        self.measured = measured
+        return self._fit(m, y)
+
+    def _fit(self, masks: np.ndarray, losses: np.ndarray) -> "Surrogate":
         raise NotImplementedError
 
     @property
@@ -62,10 +76,10 @@ class LinearSurrogate(Surrogate):
     name = "linear"
 
     def __init__(self, ctx: Context, ridge: float = 1e-8):
+        self.ctx = ctx
         self.num_edges, self.ridge = ctx.num_edges, ridge
 
-    def fit(self, masks: np.ndarray, losses: np.ndarray) -> "LinearSurrogate":
-        m, y = _check_fit(masks, losses, self.num_edges)
+    def _fit(self, m: np.ndarray, y: np.ndarray) -> "LinearSurrogate":
         x = np.hstack([np.ones((len(m), 1)), m])
         a = x.T @ x + self.ridge * np.eye(x.shape[1])
         self.coef = np.linalg.lstsq(a, x.T @ y, rcond=None)[0]
@@ -101,11 +115,11 @@ class MLPSurrogate(Surrogate):
 
     def __init__(self, ctx: Context, hidden: int = 64, steps: int = 2000, lr: float = 3e-3,
                  weight_decay: float = 1e-4, seed: int | None = None):
+        self.ctx = ctx
         self.num_edges, self.hidden, self.steps, self.lr, self.wd = ctx.num_edges, hidden, steps, lr, weight_decay
         self.seed = ctx.seed if seed is None else seed
 
-    def fit(self, masks: np.ndarray, losses: np.ndarray) -> "MLPSurrogate":
-        m, y = _check_fit(masks, losses, self.num_edges)
+    def _fit(self, m: np.ndarray, y: np.ndarray) -> "MLPSurrogate":
         self.mu, self.sd = _standardise(y)
         torch.manual_seed(self.seed)
         self.net = nn.Sequential(nn.Linear(self.num_edges, self.hidden), nn.ReLU(),
@@ -133,6 +147,7 @@ class PriorGraphSurrogate(Surrogate):
     name = "prior_graph"
 
     def __init__(self, ctx: Context, epochs: int = 3000, lr: float = 1e-3, seed: int | None = None):
+        self.ctx = ctx
         self.num_edges, self.epochs, self.lr = ctx.num_edges, epochs, lr
         self.flow = FlowStructure.from_graph(ctx.graph, contract=False)
         self.seed = ctx.seed if seed is None else seed
@@ -140,16 +155,17 @@ class PriorGraphSurrogate(Surrogate):
     def _gamma(self) -> torch.Tensor:
         # softmax over the out-edges of each source vertex
         src = self.flow.src
-        logits = self.theta - torch.zeros(self.flow.num_vertices).index_reduce(0, src, self.theta, "amax",
-                                                                                include_self=False)[src]
+        with warnings.catch_warnings():  # torch flags index_reduce as beta on every call
+            warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)
+            peak = torch.zeros(self.flow.num_vertices).index_reduce(0, src, self.theta, "amax", include_self=False)
+        logits = self.theta - peak[src]
         ex = logits.exp()
         return ex / torch.zeros(self.flow.num_vertices).index_add(0, src, ex)[src]
 
     def _g(self, masks: torch.Tensor) -> torch.Tensor:
         return self.flow.flow(masks, self._gamma())
 
-    def fit(self, masks: np.ndarray, losses: np.ndarray) -> "PriorGraphSurrogate":
-        m, y = _check_fit(masks, losses, self.num_edges)
+    def _fit(self, m: np.ndarray, y: np.ndarray) -> "PriorGraphSurrogate":
         self.lo, self.hi = float(y.min()), float(y.max())
         span = self.hi - self.lo if self.hi > self.lo else 1.0
         target = torch.tensor(1 - (y - self.lo) / span, dtype=torch.float32)
@@ -221,8 +237,7 @@ class GraphFlowSurrogate(Surrogate):
     def _forward(self, masks: torch.Tensor, disc: torch.Tensor) -> torch.Tensor:
         return self.readout(self._features(masks, disc)).squeeze(-1)
 
-    def fit(self, masks: np.ndarray, losses: np.ndarray) -> "GraphFlowSurrogate":
-        m, y = _check_fit(masks, losses, self.num_edges)
+    def _fit(self, m: np.ndarray, y: np.ndarray) -> "GraphFlowSurrogate":
         x = torch.tensor(m, dtype=torch.float32)
         disc = self._disconnected(x)
         self._configure(len(m), int(disc.sum()))
@@ -271,8 +286,8 @@ class SuperpositionSurrogate(Surrogate):
     ("last_cut", which is exact for the biases of a linear network). A connected network shares every lost
     path among the cuts on it by their Shapley values ("shapley"). Both rules were chosen on development graphs.
     Nothing is fitted: single-edge masks and the all-ones mask are reproduced exactly. The measured outputs
-    come from the context: ``ctx.fit_outputs`` when the fitting masks include the prior design's (keep them
-    with ``evaluate_masks(..., keep_outputs=True)``), otherwise |E| + 1 passes over the scoring subset.
+    come from the context: the measured outputs (``Measured.outputs``) when the measured masks include the prior
+    design's (keep them with ``evaluate_masks(..., keep_outputs=True)``), otherwise |E| + 1 passes over the scoring subset.
     """
     name = "superposition"
 
@@ -282,8 +297,7 @@ class SuperpositionSurrogate(Surrogate):
         self.rules = (connected, disconnected)
         self.chunk_elements = chunk_elements
 
-    def fit(self, masks: np.ndarray, losses: np.ndarray) -> "SuperpositionSurrogate":
-        _check_fit(masks, losses, self.num_edges)
+    def _fit(self, m: np.ndarray, y: np.ndarray) -> "SuperpositionSurrogate":
         self.y1, self.dy = self.ctx.single_edge_outputs()
         self.flow = FlowStructure.from_graph(self.ctx.graph, weights=self.ctx.shares())
         single = self.flow.lost(torch.tensor(1 - np.eye(self.num_edges)))
@@ -320,24 +334,3 @@ class SuperpositionSurrogate(Surrogate):
                     yj = yj.mean(0, keepdim=True).expand_as(yj)
                 out[c0 + j] = float(self.ctx.task.per_sample(yj, targets)[0].mean())
         return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# registry
-
-SURROGATES: dict[str, Callable[..., Surrogate]] = {}
-
-
-def register_surrogate(name: str, cls: Callable[..., Surrogate]) -> None:
-    SURROGATES[name] = cls
-
-
-for _cls in (LinearSurrogate, MLPSurrogate, PriorGraphSurrogate, GraphFlowSurrogate, SuperpositionSurrogate):
-    register_surrogate(_cls.name, _cls)
-
-
-def make_surrogate(name: str, ctx: Context, **hparams: Any) -> Surrogate:
-    """A new, unfitted surrogate registered as ``name`` (see SURROGATES)."""
-    if name not in SURROGATES:
-        raise KeyError(f"unknown surrogate {name!r}; choose one of {sorted(SURROGATES)}")
-    return SURROGATES[name](ctx, **hparams)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .evaluate import Subset, Task
-from .paths import cache_root
+from .paths import atomic_path, cache_root
 
 __all__ = ["set_seed", "TrainConfig", "TrainResult", "lr_schedule", "train", "config_hash", "cached_model",
            "default_cache_dir", "finetune"]
@@ -240,15 +240,25 @@ def config_hash(*configs: Any) -> str:
 
 
 def cached_model(key: tuple, build: Callable[[], nn.Module], fit: Callable[[nn.Module], Any],
-                 cache_dir: str | os.PathLike | None = None, kind: str = "model") -> tuple[nn.Module, dict]:
+                 cache_dir: str | os.PathLike | None = None, kind: str = "model",
+                 init_seed: int | None = None) -> tuple[nn.Module, dict]:
     """Return ``build()`` with weights trained by ``fit`` -- or loaded from ``<cache>/<kind>/<hash>.pt``.
 
-    ``key`` holds every config that determines the weights. ``fit`` may return a dict of metadata (saved
-    with the weights). A checkpoint that cannot be read is reported, deleted and retrained.
+    ``key`` holds every config that determines the weights. ``build`` runs under ``set_seed(init_seed)``
+    (default: a seed derived from the key), so the initial weights never depend on what the process did
+    before. ``fit`` may return a dict of metadata (saved with the weights). A checkpoint that cannot be read
+    is reported, deleted and retrained; a new one is written atomically.
     """
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = folder / kind / f"{config_hash(*key)}.pt"
-    model = build()
+    digest = config_hash(*key)
+    path = folder / kind / f"{digest}.pt"
+    seed = int(digest[:8], 16) if init_seed is None else init_seed
+
+    def seeded_build() -> nn.Module:
+        set_seed(seed)
+        return build()
+
+    model = seeded_build()
     if path.exists():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -259,14 +269,9 @@ def cached_model(key: tuple, build: Callable[[], nn.Module], fit: Callable[[nn.M
             warnings.warn(f"cached checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
                           "deleting it and training again")
             path.unlink(missing_ok=True)
-            model = build()
+            model = seeded_build()
     meta = fit(model) or {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"state_dict": model.state_dict(), "meta": _jsonable(meta), "key": _jsonable(list(key))}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     model.eval()
     return model, meta

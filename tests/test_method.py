@@ -13,11 +13,11 @@ from surrogate.masks import (all_masks_with_removed, bernoulli_masks, pair_masks
 from surrogate.models import Block, RandomGraphConfig, RandomGraphNet, resnet20
 from surrogate.profile import count_macs, count_params
 from surrogate.pruning import Budget, CostModel, auto_prune, select_mask
-from surrogate.scorers import (AdditivePredictor, Context, QuadraticPredictor, SCORERS, gate_derivatives,
-                               score)
+from surrogate.methods import METHODS, fit_method, method_names
+from surrogate.scorers import AdditivePredictor, Context, Measured, QuadraticPredictor, gate_derivatives
 from surrogate.flow import FlowStructure
-from surrogate.surrogates import (GraphFlowSurrogate, LinearSurrogate, PriorGraphSurrogate,
-                                  SURROGATES, make_surrogate)
+from surrogate.surrogates import (GraphFlowSurrogate, LinearSurrogate, MLPSurrogate, PriorGraphSurrogate,
+                                  SuperpositionSurrogate)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_quadratic_model_is_exact_when_loss_is_quadratic_in_gates():
     assert graph.num_prunable == 3
     gated = GatedModel(graph)
     ctx = Context(graph, gated, Subset("s", x, t), Task("regression"), batch_size=16)
-    quad = score("taylor2", ctx)
+    quad = fit_method("taylor2", ctx)
     masks = np.vstack([all_masks_with_removed(3, k) for k in range(4)])
     truth = evaluate_masks(gated, masks, ctx.scoring, ctx.task).loss
     np.testing.assert_allclose(quad.predict(masks), truth, rtol=1e-9, atol=1e-10)
@@ -117,11 +117,13 @@ def test_quadratic_model_is_exact_when_loss_is_quadratic_in_gates():
 # ---------------------------------------------------------------------------------------------------
 # scorers
 
-@pytest.mark.parametrize("name", sorted(SCORERS))
+@pytest.mark.parametrize("name", method_names(fitted=False))
 def test_scorers_are_deterministic_and_shaped(small, name):
-    _, graph, _, ctx = small
+    _, graph, gated, ctx = small
     masks = bernoulli_masks(graph.num_prunable, 20, 0.6, seed=1)
-    a, b = score(name, ctx), score(name, ctx)
+    # fresh contexts: a second call on the same context would read the first one's cached quantities
+    fresh = lambda: Context(graph, gated, ctx.scoring, ctx.task, seed=0, batch_size=32)  # noqa: E731
+    a, b = fit_method(name, fresh()), fit_method(name, fresh())
     assert a.importance.shape == (graph.num_prunable,)
     assert np.array_equal(a.predict(masks), b.predict(masks))
     assert a.predict(masks).shape == (20,)
@@ -130,7 +132,7 @@ def test_scorers_are_deterministic_and_shaped(small, name):
 def test_loo_prediction_is_exact_on_single_edge_masks(small):
     _, graph, gated, ctx = small
     e = graph.num_prunable
-    loo = score("loo", ctx)
+    loo = fit_method("loo", ctx)
     singles = 1 - np.eye(e, dtype=np.float32)
     truth = evaluate_masks(gated, singles, ctx.scoring, ctx.task).loss
     np.testing.assert_allclose(loo.predict(singles), truth, rtol=1e-6)
@@ -139,7 +141,7 @@ def test_loo_prediction_is_exact_on_single_edge_masks(small):
 
 def test_connectivity_predictor(small):
     _, graph, _, _ = small
-    pred = score("connectivity", Context(graph, None, None, None))
+    pred = fit_method("connectivity", Context(graph, None, None, None))
     e = graph.num_prunable
     assert pred.predict(np.ones(e))[0] == 0 and pred.predict(np.zeros(e))[0] == 1
 
@@ -149,7 +151,7 @@ def test_param_l1_counts_exclusive_parameters():
     net = resnet20().eval()
     graph = build_graph(net, torch.randn(2, 3, 32, 32))
     ctx = Context(graph, None, None, None)
-    imp = score("param_l1", ctx).importance
+    imp = fit_method("param_l1", ctx).importance
     for e, v in zip(graph.prunable, imp):
         if e.src.endswith("shortcut"):
             assert v == 0  # a skip connection owns no parameters
@@ -168,7 +170,7 @@ def test_linear_surrogate_recovers_linear_losses(small):
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=e), 1.5
     masks = np.vstack([prior_design(e), bernoulli_masks(e, 30, 0.5, seed=3)])
-    sur = LinearSurrogate(ctx).fit(masks, b + masks @ w)
+    sur = LinearSurrogate(ctx).fit(Measured(masks, b + masks @ w))
     test = bernoulli_masks(e, 50, 0.5, seed=4)
     np.testing.assert_allclose(sur.predict(test), b + test @ w, atol=1e-6)
     np.testing.assert_allclose(sur.importance, -w, atol=1e-6)
@@ -179,7 +181,7 @@ def test_fcn_fits_its_training_masks(small):
     e = graph.num_prunable
     masks = prior_design(e)
     y = np.random.default_rng(1).normal(size=len(masks))
-    sur = make_surrogate("fcn", ctx).fit(masks, y)
+    sur = MLPSurrogate(ctx).fit(Measured(masks, y))
     assert sur.predict(masks).shape == (len(masks),)  # (M,), not (M, 1)
     assert np.abs(sur.predict(masks) - y).max() < 0.05 * np.ptp(y)
 
@@ -188,13 +190,13 @@ def test_prior_graph_surrogate_fits_targets_it_can_represent(small):
     _, graph, _, ctx = small
     e = graph.num_prunable
     teacher = PriorGraphSurrogate(ctx, epochs=1)
-    teacher.fit(prior_design(e), np.arange(e + 2, dtype=float))
+    teacher.fit(Measured(prior_design(e), np.arange(e + 2, dtype=float)))
     with torch.no_grad():
         teacher.theta.copy_(torch.randn(len(teacher.theta)))
     masks = np.vstack([prior_design(e), bernoulli_masks(e, 40, 0.8, seed=5)])
     g = teacher._g(torch.tensor(masks, dtype=torch.float32)).detach().numpy()
     y = 3.0 - 2.0 * g  # any decreasing affine map of G is representable through the min-max transform
-    student = PriorGraphSurrogate(ctx, epochs=4000, lr=0.02).fit(masks, y)
+    student = PriorGraphSurrogate(ctx, epochs=4000, lr=0.02).fit(Measured(masks, y))
     assert np.abs(student.predict(masks) - y).max() < 0.03 * np.ptp(y)
 
 
@@ -202,7 +204,7 @@ def test_prior_graph_is_pinned_at_all_ones_and_all_zeros(small):
     # the published model's flaw: G(1) = 1 and G(0) = 0 whatever the parameters
     _, graph, _, ctx = small
     e = graph.num_prunable
-    sur = PriorGraphSurrogate(ctx, epochs=50).fit(prior_design(e), np.random.default_rng(0).random(e + 2))
+    sur = PriorGraphSurrogate(ctx, epochs=50).fit(Measured(prior_design(e), np.random.default_rng(0).random(e + 2)))
     g = sur._g(torch.tensor(np.vstack([np.ones(e), np.zeros(e)]), dtype=torch.float32)).detach().numpy()
     np.testing.assert_allclose(g, [1.0, 0.0], atol=1e-6)
 
@@ -212,9 +214,9 @@ def test_graph_flow_fits_measured_training_masks(small):
     masks = np.vstack([prior_design(graph.num_prunable), bernoulli_masks(graph.num_prunable, 40, 0.7, seed=6)])
     y = evaluate_masks(gated, masks, ctx.scoring, ctx.task).loss
     full = dict(learn_shares=True, readout="mlp", bias_channel=True, steps=1500)
-    sur = GraphFlowSurrogate(ctx, **full).fit(masks, y)
+    sur = GraphFlowSurrogate(ctx, **full).fit(Measured(masks, y))
     assert np.abs(sur.predict(masks) - y).max() < 0.1 * np.ptp(y)
-    again = GraphFlowSurrogate(ctx, **full).fit(masks, y)
+    again = GraphFlowSurrogate(ctx, **full).fit(Measured(masks, y))
     assert np.array_equal(sur.predict(masks), again.predict(masks))  # seeded
 
 
@@ -223,10 +225,10 @@ def test_graph_flow_on_the_prior_design_ranks_like_measured_flow(small):
     _, graph, gated, ctx = small
     e = graph.num_prunable
     fit = prior_design(e)
-    sur = GraphFlowSurrogate(ctx).fit(fit, evaluate_masks(gated, fit, ctx.scoring, ctx.task).loss)
+    sur = GraphFlowSurrogate(ctx).fit(Measured(fit, evaluate_masks(gated, fit, ctx.scoring, ctx.task).loss))
     assert not sur.learn_shares and sur.readout_kind == "linear" and not sur.bias_channel
     test = sparsity_masks(graph, 30, 0.1, 0.3, seed=1)
-    flow = score("flow", ctx).predict(test)
+    flow = fit_method("flow", ctx).predict(test)
     pred = sur.predict(test)
     assert abs(np.corrcoef(pred, flow)[0, 1]) > 0.999
 
@@ -249,7 +251,7 @@ def test_measured_flow_is_exact_for_one_sum_of_linear_branches():
     graph = build_graph(model, x[:2])
     gated = GatedModel(graph)
     ctx = Context(graph, gated, Subset("s", x, torch.zeros(50, 2)), Task("regression"), batch_size=16)
-    flow = score("flow", ctx)
+    flow = fit_method("flow", ctx)
     with torch.no_grad():
         y = model(x)
         for m in ([0.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0]):
@@ -258,17 +260,18 @@ def test_measured_flow_is_exact_for_one_sum_of_linear_branches():
             assert flow.predict(np.array(m))[0] == pytest.approx(lost, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(SURROGATES))
-def test_surrogates_reject_bad_fit_data(small, name):
+@pytest.mark.parametrize("name", method_names(fitted=True))
+def test_fitted_methods_reject_bad_fit_data(small, name):
     _, graph, _, ctx = small
-    sur = make_surrogate(name, ctx)
     e = graph.num_prunable
     with pytest.raises(ValueError, match="masks"):
-        sur.fit(np.ones((3, e + 1)), np.ones(3))
+        fit_method(name, ctx.with_measured(Measured(np.ones((3, e + 1)), np.ones(3))))
     with pytest.raises(ValueError, match="losses"):
-        sur.fit(np.ones((3, e)), np.ones(2))
+        Measured(np.ones((3, e)), np.ones(2))
     with pytest.raises(ValueError, match="NaN"):
-        sur.fit(np.ones((3, e)), np.array([1.0, np.nan, 2.0]))
+        Measured(np.ones((3, e)), np.array([1.0, np.nan, 2.0]))
+    with pytest.raises(ValueError, match="measured masks"):
+        fit_method(name, ctx.with_measured(None))
 
 
 def test_flow_structure_contraction_is_exact(small):
@@ -304,8 +307,8 @@ def test_mask_designs(small):
 
 def test_budget_zero_returns_the_original_model(small):
     net, graph, _, ctx = small
-    pred = score("magnitude", ctx)
-    mask = select_mask(pred, graph.num_prunable, Budget(edges=0))
+    pred = fit_method("magnitude", ctx)
+    mask = select_mask(pred, graph, Budget(edges=0))
     assert mask.all()
     pruned = prune(graph, mask)
     with torch.no_grad():
@@ -317,7 +320,7 @@ def test_additive_selection_removes_least_important_edges(small):
     _, graph, _, _ = small
     e = graph.num_prunable
     imp = np.random.default_rng(0).permutation(e).astype(float)
-    mask = select_mask(AdditivePredictor("x", imp), e, Budget(edges=3))
+    mask = select_mask(AdditivePredictor("x", imp), e, Budget(edges=3), allow_disconnected=True)
     assert set(np.flatnonzero(mask == 0)) == set(np.argsort(imp)[:3])
 
 
@@ -329,7 +332,7 @@ def test_beam_search_finds_the_exhaustive_optimum_of_a_quadratic(small):
     pred = QuadraticPredictor("q", 0.0, rng.normal(size=e), h + h.T)
     cand = all_masks_with_removed(e, 2)
     best = cand[np.argmin(pred.predict(cand))]
-    mask = select_mask(pred, e, Budget(edges=2), search="beam", beam_width=e * e)
+    mask = select_mask(pred, e, Budget(edges=2), search="beam", beam_width=e * e, allow_disconnected=True)
     assert np.array_equal(mask, best)
 
 
@@ -350,7 +353,7 @@ def test_parameter_budget_is_met(small):
     net, graph, _, ctx = small
     costs = CostModel(graph)
     target = int(0.7 * count_params(net))
-    mask = select_mask(score("magnitude", ctx), graph.num_prunable, Budget(max_params=target), costs=costs)
+    mask = select_mask(fit_method("magnitude", ctx), graph, Budget(max_params=target), costs=costs)
     assert count_params(prune(graph, mask)) <= target
 
 
@@ -363,6 +366,44 @@ def test_auto_prune_one_call(small):
     assert res2.mask.all() and len(res2.fit_masks) == graph.num_prunable + 2
     with pytest.raises(ValueError, match="exactly one"):
         Budget(edges=1, max_params=10)
+
+
+class _Residual(nn.Module):
+    """x -> a -> (a + f(a)) -> out: cutting both inputs of the add leaves no input->output path."""
+    def __init__(self):
+        super().__init__()
+        self.a, self.f, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.out(h + self.f(h))
+
+
+def test_picks_keep_the_network_connected_unless_asked():
+    graph = build_graph(_Residual(), torch.randn(2, 4))
+    assert graph.num_prunable == 2
+    cheap = AdditivePredictor("cheap", np.zeros(2))  # removing either edge predicted free
+    with pytest.raises(ValueError, match="input->output path"):
+        select_mask(cheap, graph, Budget(edges=2))
+    assert graph.connected(select_mask(cheap, graph, Budget(edges=1)))
+    both = select_mask(cheap, graph, Budget(edges=2), allow_disconnected=True)
+    assert not graph.connected(both)
+    with pytest.raises(ValueError, match="needs the graph"):
+        select_mask(cheap, 2, Budget(edges=1))
+    # an additive pick that would disconnect falls back to a search among connected masks
+    full = build_graph(_Residual(), torch.randn(2, 4), edges="all")
+    into_add = [i for i, n in enumerate(full.edge_names) if "-> add" in n]
+    assert len(into_add) == 2
+    imp = np.ones(full.num_prunable)
+    imp[into_add] = 0.0
+    pick = select_mask(AdditivePredictor("x", imp), full, Budget(edges=2))
+    assert full.connected(pick) and (pick == 0).sum() == 2
+
+
+def test_auto_prune_reports_connectivity(small):
+    net, graph, _, ctx = small
+    res = auto_prune(net, ctx.scoring, ctx.task, Budget(edges=2), method="magnitude", vertices=(Block,), edges="all")
+    assert res.connected and graph.connected(res.mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -413,7 +454,7 @@ def test_superposition_is_exact_for_parallel_linear_branches():
     gated = GatedModel(graph)
     ctx = Context(graph, gated, Subset("s", x, y), Task("classification"))
     fit = prior_design(3)
-    sur = make_surrogate("superposition", ctx).fit(fit, evaluate_masks(gated, fit, ctx.scoring, ctx.task).loss)
+    sur = SuperpositionSurrogate(ctx).fit(Measured(fit, evaluate_masks(gated, fit, ctx.scoring, ctx.task).loss))
     every = all_masks_with_removed(3, 0)
     for k in (1, 2, 3):
         every = np.vstack([every, all_masks_with_removed(3, k)])
@@ -428,8 +469,8 @@ def test_superposition_reproduces_its_measurements(small):
     e = graph.num_prunable
     fit = prior_design(e)
     measured = evaluate_masks(gated, fit, ctx.scoring, ctx.task, keep_outputs=True)
-    kctx = Context(graph, gated, ctx.scoring, ctx.task, fit, measured.loss, measured.outputs, memo={})
-    sur = make_surrogate("superposition", kctx).fit(fit, measured.loss)
+    kctx = Context(graph, gated, ctx.scoring, ctx.task, Measured.of(fit, measured), memo={})
+    sur = fit_method("superposition", kctx)
     np.testing.assert_allclose(sur.predict(fit), measured.loss, rtol=1e-5)
     np.testing.assert_allclose(sur.importance, measured.loss[2:] - measured.loss[0], atol=1e-5)
     # outputs reused from the fitting masks equal outputs measured by the context itself
@@ -441,7 +482,7 @@ def test_superposition_reproduces_its_measurements(small):
 def test_superposition_prediction_of_disconnected_masks_is_a_constant_output(small):
     _, graph, gated, ctx = small
     e = graph.num_prunable
-    sur = make_surrogate("superposition", ctx).fit(prior_design(e), np.zeros(e + 2))
+    sur = SuperpositionSurrogate(ctx).fit(Measured(prior_design(e), np.zeros(e + 2)))
     masks = bernoulli_masks(e, 200, 0.3, seed=5)
     disc = ~graph.connected(masks)
     assert disc.sum() > 5
@@ -578,7 +619,7 @@ def test_gpt2_flow_with_heads_is_finite(gpt2_heads):
     for layer in (0, 1):
         into = [i for i, e in enumerate(graph.edges) if e.dst.endswith(f"h.{layer}.attn.c_proj")]
         assert len(into) == 2 and shares[into].sum() == pytest.approx(1.0, abs=1e-9)
-    flow = score("flow", ctx)
+    flow = fit_method("flow", ctx)
     masks = np.vstack([np.ones(graph.num_prunable), bernoulli_masks(graph.num_prunable, 10, 0.6, seed=0)])
     assert np.isfinite(flow.importance).all() and np.isfinite(flow.predict(masks)).all()
     assert flow.predict(np.ones(graph.num_prunable))[0] == pytest.approx(0.0, abs=1e-6)
@@ -588,7 +629,7 @@ def test_magnitude_scores_each_head_on_its_own_chunk():
     model, x, a = _head_attention()
     graph = build_graph(model, x[:2], heads={r"^out$": 4})
     ctx = Context(graph, None, Subset("scoring", x, torch.zeros(len(x))), Task("regression"), batch_size=5)
-    imp = score("magnitude", ctx).importance
+    imp = fit_method("magnitude", ctx).importance
     heads = _heads_of(graph, "out")
     hand = [float(a[..., 4 * k:4 * (k + 1)].abs().mean()) for k in range(4)]
     np.testing.assert_allclose(imp[heads], hand, rtol=1e-10)
@@ -597,7 +638,7 @@ def test_magnitude_scores_each_head_on_its_own_chunk():
 
 def test_magnitude_scores_differ_between_gpt2_heads(gpt2_heads):
     _, ids, graph = gpt2_heads
-    imp = score("magnitude", Context(graph, None, Subset("scoring", ids, ids), Task("lm"))).importance
+    imp = fit_method("magnitude", Context(graph, None, Subset("scoring", ids, ids), Task("lm"))).importance
     for layer in (0, 1):
         h = _heads_of(graph, f"h.{layer}.attn.c_proj")
         assert imp[h[0]] != imp[h[1]]
@@ -637,3 +678,14 @@ def test_superposition_refuses_outputs_that_do_not_fit_in_memory(small):
     with pytest.raises(MemoryError, match="smaller scoring subset"):
         fresh._check_output_memory(graph.num_prunable + 1, limit=1000)
     fresh._check_output_memory(graph.num_prunable + 1)  # the real size is far below the default limit
+
+
+def test_gate_derivatives_stay_within_a_memory_budget(small):
+    # a budget far below one batch's autograd graph forces one sample per batch and one HVP at a time:
+    # the derivatives are the same, only computed in more pieces
+    _, graph, gated, ctx = small
+    full = gate_derivatives(gated, ctx.scoring, ctx.task, hessian=True)
+    tiny = gate_derivatives(gated, ctx.scoring, ctx.task, hessian=True, memory_budget=1, hvp_chunk=1)
+    assert tiny[0] == pytest.approx(full[0], rel=1e-5)  # float32 model: summation order moves the last bits
+    np.testing.assert_allclose(tiny[1], full[1], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(tiny[2], full[2], rtol=1e-4, atol=1e-6)

@@ -233,29 +233,29 @@ def test_save_figure_rejects_unknown_format(tmp_path):
 
 # ------------------------------------------------------------------------------------------- folders
 
-def test_project_root():
-    assert (project_root() / "pyproject.toml").is_file()
-    assert (project_root() / "surrogate" / "paper.py").is_file()
+def test_project_root_is_the_project_the_user_runs_in(tmp_path, monkeypatch):
+    assert (project_root() / "pyproject.toml").is_file()  # the tests run from this repository
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert project_root() == tmp_path  # not wherever the package is installed
 
 
-def test_output_dirs(tmp_path):
-    root = project_root()
+def test_output_dirs(tmp_path, monkeypatch):
     dirs = output_dirs(str(tmp_path / "figs"), str(tmp_path / "gen"), "unused")
     assert dirs.figures == tmp_path / "figs" and dirs.generated == tmp_path / "gen"
     assert dirs.figures.is_dir() and dirs.generated.is_dir()
     with pytest.raises(Exception):  # frozen
         dirs.figures = tmp_path  # type: ignore[misc]
-    # relative paths are relative to the repo root, not the cwd; None is build/<profile>/...
+    # relative paths are relative to the project root, not the cwd; None is build/<profile>/...
+    root = tmp_path / "project"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("")
+    monkeypatch.chdir(root / "notebooks")
     profile = "pytest-output-dirs"
-    build_existed = (root / "build").exists()
-    try:
-        dirs = output_dirs(None, f"build/{profile}/gen", profile)
-        assert dirs.figures == root / "build" / profile / "figures"
-        assert dirs.generated == root / "build" / profile / "gen"
-        assert dirs.figures.is_dir() and dirs.generated.is_dir()
-    finally:
-        shutil.rmtree(root / "build" / profile, ignore_errors=True)
-        if not build_existed and not any((root / "build").iterdir()):
-            (root / "build").rmdir()
+    dirs = output_dirs(None, f"build/{profile}/gen", profile)
+    assert dirs.figures == root / "build" / profile / "figures"
+    assert dirs.generated == root / "build" / profile / "gen"
+    assert dirs.figures.is_dir() and dirs.generated.is_dir()
     with pytest.raises(ValueError):
         output_dirs(None, None, "../escape")

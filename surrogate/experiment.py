@@ -1,0 +1,374 @@
+"""The evaluation protocol shared by every study: one trained model in, tidy records out.
+
+``run_experiment(model, scoring, evaluation, task, config)``:
+
+1. builds the graph (``config.graph``: vertices, edges, heads, exclude) and gates it;
+2. measures the fitting design (the prior design: |E| + 2 masks) on the small *scoring* subset, keeping the
+   outputs when a method needs them;
+3. fits or scores every requested method (``surrogate.methods``) on that one context;
+4. draws held-out test masks of every ``MaskFamily`` in ``config.families`` and measures their true loss
+   on the *evaluation* subset, in two halves whose agreement is the noise ceiling of the truth;
+5. ranks: Spearman, Kendall, top-k overall, among connected masks, within each number of removed edges;
+6. budgeted pruning: each method's pick under each budget against the best mask found (exhaustively when
+   the space is small, else by random search and swap moves), the regret;
+7. optionally, sample efficiency: fitted methods refitted with extra measured masks of each family.
+
+Nothing here knows which network it runs on; the random-graph study (``surrogate.study``), the ResNet and
+the GPT-2 notebooks call it with their own model, data and config. Seeds: every random draw is seeded
+from ``seed`` (families i = 0, 1, ...: test masks ``seed + 1 + i``, extra masks ``seed + 1 + F + i`` for
+F families; budget b's search ``seed + 100 + b``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Mapping, Sequence
+
+import re
+
+import numpy as np
+import torch.nn as nn
+
+from .evaluate import MaskEval, Subset, Task, evaluate_masks
+from .gating import GatedModel
+from .graph import ComputationGraph, Edge, Vertex, build_graph
+from .masks import bernoulli_masks, exhaustive_masks, prior_design, sparsity_masks, unique_rows
+from .methods import METHODS, fit_method, method_names
+from .metrics import evaluate_predictions, spearman
+from .pruning import Budget, select_mask
+from .scorers import Context, Measured, Predictor
+
+__all__ = ["MaskFamily", "GraphOptions", "ExperimentConfig", "GraphView", "ExperimentResult", "run_experiment",
+           "within_k_spearman"]
+
+
+@dataclass(frozen=True)
+class MaskFamily:
+    """A family of held-out test masks.
+
+    kind: "bernoulli" -- every removable edge kept with probability ``keep_prob`` (the prior protocol; many
+          such networks are disconnected); "removed" -- ``n`` distinct masks removing a fraction in
+          ``removed`` (or exactly ``counts``) of the removable edges; "exhaustive" -- every mask removing
+          ``counts`` (default: any number) of the removable edges.
+    edges: regular expression on edge names: which edges may be removed (None: every prunable edge), e.g.
+          the residual branches of a ResNet but not its shortcuts.
+    connected: only networks that keep an input->output path ("removed").
+    holdout: leave out masks the methods were fitted on ("removed", "exhaustive").
+    """
+    name: str
+    kind: Literal["bernoulli", "removed", "exhaustive"] = "removed"
+    n: int = 200
+    keep_prob: float = 0.5
+    removed: tuple[float, float] = (0.05, 0.25)
+    counts: tuple[int, ...] | None = None
+    edges: str | None = None
+    connected: bool = True
+    holdout: bool = True
+
+    def allowed(self, graph: ComputationGraph) -> np.ndarray:
+        return _allowed(graph, self.edges)
+
+    def draw(self, graph: ComputationGraph, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
+        """The family's masks for ``graph`` (``exclude``: masks never to draw, e.g. the fitting masks)."""
+        e, allowed = graph.num_prunable, self.allowed(graph)
+        exclude = exclude if self.holdout else None
+        if self.kind == "bernoulli":
+            m = bernoulli_masks(e, self.n, self.keep_prob, seed=seed)
+            m[:, ~allowed] = 1
+            return m
+        if self.kind == "removed":
+            return sparsity_masks(graph, self.n, *self.removed, seed=seed, connected=self.connected,
+                                  exclude=exclude, allowed=None if allowed.all() else allowed,
+                                  counts=self.counts)
+        if self.kind == "exhaustive":
+            m = exhaustive_masks(e, self.counts, allowed)
+            if self.connected:
+                m = m[graph.connected(m)]
+            if exclude is not None and len(exclude):
+                seen = {r.astype(np.float32).tobytes() for r in exclude}
+                m = m[np.array([r.tobytes() not in seen for r in m], dtype=bool)]
+            return m
+        raise ValueError(f"unknown mask family kind {self.kind!r}; use 'bernoulli', 'removed' or 'exhaustive'")
+
+
+def _allowed(graph: ComputationGraph, pattern: str | None) -> np.ndarray:
+    if pattern is None:
+        return np.ones(graph.num_prunable, dtype=bool)
+    ok = np.array([re.search(pattern, n) is not None for n in graph.edge_names], dtype=bool)
+    if not ok.any():
+        raise ValueError(f"no prunable edge matches {pattern!r}; edge names look like {graph.edge_names[:2]}")
+    return ok
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """How the model becomes a graph (the arguments of ``build_graph``)."""
+    vertices: Any = None
+    edges: Any = "merge"
+    heads: Mapping[str, int] | None = None
+    exclude: str | None = None
+    example_batch: int = 4   # rows of the scoring subset used as the tracing example
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """What to measure. Budgets are fractions of the removable edges (``budget_unit="fraction"``) or edge
+    counts (``"edges"``); ``budget_edges`` restricts which edges a pick may remove (regular expression)."""
+    methods: tuple[str, ...] = ("random", "magnitude", "taylor2", "loo", "flow", "prior_graph", "superposition")
+    graph: GraphOptions = GraphOptions()
+    families: tuple[MaskFamily, ...] = (MaskFamily("realistic"),)
+    budgets: tuple[float, ...] = (0.1, 0.25)
+    budget_unit: Literal["fraction", "edges"] = "fraction"
+    budget_edges: str | None = None
+    connected_picks: bool = True         # picks (and the optimum they are compared with) keep a path
+    exhaustive_limit: int = 2000         # optimum found exhaustively when C(removable, b) is at most this
+    search_random: int = 100             # otherwise: random masks at the budget ...
+    search_swaps: int = 100              # ... and swap moves around the best mask found
+    beam_width: int = 4                  # mask search for non-additive predictors
+    extra_k: tuple[int, ...] = ()        # sample efficiency: measured masks beyond the prior design
+    k_methods: tuple[str, ...] = ()      # ... for these (fitted) methods
+    eval_batch: int = 2048
+    context_batch: int = 512             # batch of the methods' own passes (derivatives, shares)
+    max_k_breakdown: int = 4             # rank agreement per number removed: 1, 2, ..., "4+"
+
+    def __post_init__(self) -> None:
+        method_names(self.methods)  # unknown names fail here, before any measurement
+        bad = [m for m in self.k_methods if not METHODS[m].fitted] if self.k_methods else []
+        if bad:
+            raise ValueError(f"sample efficiency refits methods on more masks; {bad} are not fitted")
+        if len({f.name for f in self.families}) != len(self.families):
+            raise ValueError("mask families need distinct names")
+
+
+@dataclass(frozen=True)
+class GraphView:
+    """A picklable view of a computation graph (vertices and edges, no traced module): enough to draw it
+    (``surrogate.plotting.draw_graph`` accepts it) and to name its edges."""
+    vertices: list[Vertex]
+    edges: list[Edge]
+    prunable: list[Edge]
+
+    @classmethod
+    def of(cls, graph: ComputationGraph) -> "GraphView":
+        return cls(list(graph.vertices), list(graph.edges), list(graph.prunable))
+
+    @property
+    def num_prunable(self) -> int:
+        return len(self.prunable)
+
+    @property
+    def edge_names(self) -> list[str]:
+        return [e.name for e in self.prunable]
+
+    def draw(self, **kw: Any):
+        from .plotting import draw_graph
+        return draw_graph(self, **kw)
+
+
+@dataclass
+class ExperimentResult:
+    """Tidy records (lists of dicts, one row per model x method x protocol / budget / extra masks) and what
+    figures need. Every record starts with the caller's ``key`` (e.g. seed, size)."""
+    info: dict[str, Any]
+    protocols: list[dict[str, Any]]
+    by_k: list[dict[str, Any]]
+    regret: list[dict[str, Any]]
+    efficiency: list[dict[str, Any]]
+    example: dict[str, Any] = field(repr=False)
+
+
+def within_k_spearman(pred: np.ndarray, true: np.ndarray, removed: np.ndarray, min_masks: int = 3) -> float:
+    """Mean Spearman correlation within groups of masks that remove the same number of edges (groups of at
+    least ``min_masks``), weighted by group size: how well a method ranks masks of equal budget."""
+    total, weight = 0.0, 0
+    for k in np.unique(removed):
+        sel = removed == k
+        if sel.sum() >= min_masks:
+            total += sel.sum() * spearman(pred[sel], true[sel])
+            weight += int(sel.sum())
+    return total / weight if weight else float("nan")
+
+
+def _timed(fn: Any) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluation: Subset, task: Task,
+                   config: ExperimentConfig, *, seed: int = 0, mask_seed: int | None = None,
+                   key: Mapping[str, Any] | None = None, log: Any = None) -> ExperimentResult:
+    """Measure every method of ``config`` on one model (see the module docstring for the steps).
+
+    model: a trained module (its graph is built with ``config.graph``) or a graph built already.
+    scoring: all a method may see; evaluation: the truth (held-out data). key: columns that identify this
+    model in every record (e.g. ``{"seed": 3}``). seed: the methods' own randomness (random scores,
+    surrogate initialisation); mask_seed (default ``seed``): the draws of test and extra masks and of the
+    budget searches. log: optional callable receiving progress lines."""
+    say = log or (lambda msg: None)
+    mseed = seed if mask_seed is None else mask_seed
+    key = dict(key or {})
+    if isinstance(model, ComputationGraph):
+        graph = model
+    else:
+        go = config.graph
+        graph = build_graph(model, scoring.inputs[:go.example_batch], vertices=go.vertices, edges=go.edges,
+                            heads=go.heads, exclude=go.exclude)
+    gated = GatedModel(graph)
+    e = graph.num_prunable
+    ev = lambda m, sub: evaluate_masks(gated, m, sub, task, batch_size=config.eval_batch)  # noqa: E731
+    key = {**key, "edges": e}
+    methods = list(config.methods)
+
+    # 1. the fitting design, measured once; outputs kept if a method is built from them
+    fit = prior_design(e)
+    keep = any(METHODS[m].needs_outputs for m in methods)
+    say(f"measuring {len(fit)} fitting masks on {len(scoring)} scoring samples")
+    measured = Measured.of(fit, evaluate_masks(gated, fit, scoring, task, batch_size=config.eval_batch,
+                                               keep_outputs=keep))
+    nf = len(config.families)
+    tests = {f.name: f.draw(graph, mseed + 1 + i, exclude=fit) for i, f in enumerate(config.families)}
+    for name, m in tests.items():
+        if len(m) < 3:
+            raise ValueError(f"mask family {name!r} has {len(m)} masks on this graph; at least 3 are needed to rank")
+
+    # 2. the truth on the two halves of the evaluation subset: their agreement bounds how well any
+    # predictor can rank the test masks (the noise ceiling), at no extra cost
+    half = len(evaluation) // 2
+    halves = (Subset(f"{evaluation.name}[:half]", evaluation.inputs[:half], evaluation.targets[:half]),
+              Subset(f"{evaluation.name}[half:]", evaluation.inputs[half:], evaluation.targets[half:]))
+    truth: dict[str, MaskEval] = {}
+    ceiling: dict[str, float] = {}
+    for p, m in tests.items():
+        say(f"truth of {len(m)} {p} masks on {len(evaluation)} evaluation samples")
+        a, b = ev(m, halves[0]), ev(m, halves[1])
+        loss = (a.loss * len(halves[0]) + b.loss * len(halves[1])) / len(evaluation)
+        acc = None if a.accuracy is None else (a.accuracy * len(halves[0]) + b.accuracy * len(halves[1])) / len(evaluation)
+        truth[p] = MaskEval(evaluation.name, len(evaluation), loss, acc)
+        r = spearman(a.loss, b.loss)
+        ceiling[p] = float(np.sqrt(max(0.0, 2 * r / (1 + r)))) if r > -1 else 0.0  # Spearman-Brown, sqrt
+    full = ev(np.ones((1, e)), evaluation)
+    info = {**key, "vertices": len(graph.vertices), "params": sum(p.numel() for p in graph.module.parameters()),
+            "test_loss": float(full.loss[0]),
+            "test_acc": float(full.accuracy[0]) if full.accuracy is not None else float("nan"),
+            "loss_all_removed": float(ev(np.zeros((1, e)), evaluation).loss[0]),
+            **{f"{p}_frac_connected": float(graph.connected(m).mean()) for p, m in tests.items()},
+            **{f"{p}_n_masks": len(m) for p, m in tests.items()},
+            **{f"ceiling_{p}": c for p, c in ceiling.items()}}
+
+    # 3. every method on one context; ranking on every family
+    ctx = Context(graph, gated, scoring, task, measured, seed=seed, batch_size=config.context_batch)
+    conn = {p: graph.connected(m) for p, m in tests.items()}
+    removed = {p: (m == 0).sum(1) for p, m in tests.items()}
+    protocols: list[dict[str, Any]] = []
+    by_k: list[dict[str, Any]] = []
+    predictors: dict[str, Predictor] = {}
+    predictions: dict[str, dict[str, np.ndarray]] = {p: {} for p in tests}
+    for name in methods:
+        say(f"method {name}")
+        pred, seconds = _timed(lambda: fit_method(name, ctx))
+        predictors[name] = pred
+        passes = METHODS[name].passes(e, len(fit) if METHODS[name].fitted else 0)
+        for p, m in tests.items():
+            yhat = np.asarray(pred.predict(m), dtype=np.float64)
+            predictions[p][name] = yhat
+            y = truth[p].loss
+            metrics = evaluate_predictions(yhat, y)
+            c = conn[p]
+            metrics["spearman_connected"] = spearman(yhat[c], y[c]) if c.sum() >= 3 else float("nan")
+            metrics["spearman_within_k"] = within_k_spearman(yhat, y, removed[p])
+            protocols.append({**key, "protocol": p, "method": name, "seconds": seconds, **metrics, **passes})
+            for k in range(1, config.max_k_breakdown + 1):
+                sel = removed[p] >= k if k == config.max_k_breakdown else removed[p] == k
+                if sel.sum() >= 3:
+                    by_k.append({**key, "protocol": p, "method": name,
+                                 "removed": f"{k}+" if k == config.max_k_breakdown else str(k),
+                                 "n_masks": int(sel.sum()), "spearman": spearman(yhat[sel], y[sel]),
+                                 "spearman_within_k": within_k_spearman(yhat[sel], y[sel], removed[p][sel])})
+
+    # 4. budgeted pruning: true loss of each method's pick against the best achievable
+    regret = _regret(config, graph, predictors, ev, evaluation, mseed, key)
+
+    # 5. sample efficiency: measured masks of each family added to the prior design
+    efficiency: list[dict[str, Any]] = []
+    if config.extra_k and config.k_methods:
+        for i, f in enumerate(config.families):
+            extra = replace(f, n=max(config.extra_k))
+            pool = extra.draw(graph, mseed + 1 + nf + i, exclude=np.vstack([fit, tests[f.name]])) \
+                if f.kind != "exhaustive" else np.zeros((0, e), dtype=np.float32)
+            say(f"sample efficiency: {len(pool)} extra {f.name} masks")
+            extra_loss = ev(pool, scoring).loss if len(pool) else np.zeros(0)
+            for k in config.extra_k:
+                k_eff = min(k, len(pool))
+                kctx = ctx.with_measured(Measured(np.vstack([fit, pool[:k_eff]]),
+                                                  np.concatenate([measured.losses, extra_loss[:k_eff]])))
+                for name in config.k_methods:
+                    pred, seconds = _timed(lambda: fit_method(name, kctx))
+                    metrics = evaluate_predictions(pred.predict(tests[f.name]), truth[f.name].loss)
+                    efficiency.append({**key, "protocol": f.name, "method": name, "extra": k,
+                                       "K": len(kctx.measured), "seconds": seconds, **metrics})
+
+    example = {"graph": GraphView.of(graph), "edge_names": graph.edge_names,
+               "importance": {n: np.asarray(p.importance, dtype=np.float64) for n, p in predictors.items()},
+               "masks": tests, "truth": {p: t.loss for p, t in truth.items()},
+               "truth_accuracy": {p: t.accuracy for p, t in truth.items()}, "predictions": predictions}
+    return ExperimentResult(info, protocols, by_k, regret, efficiency, example)
+
+
+def _regret(config: ExperimentConfig, graph: ComputationGraph, predictors: Mapping[str, Predictor], ev: Any,
+            evaluation: Subset, seed: int, key: Mapping[str, Any]) -> list[dict[str, Any]]:
+    e = graph.num_prunable
+    allowed = _allowed(graph, config.budget_edges)
+    idx = np.flatnonzero(allowed)
+    rows: list[dict[str, Any]] = []
+    for budget in config.budgets:
+        b = max(1, round(budget * len(idx))) if config.budget_unit == "fraction" else int(budget)
+        if b > len(idx):
+            raise ValueError(f"budget {budget} removes {b} edges but only {len(idx)} may be removed")
+        picks = {name: select_mask(pred, graph, Budget(edges=b), beam_width=config.beam_width,
+                                   allowed=None if allowed.all() else allowed,
+                                   allow_disconnected=not config.connected_picks)
+                 for name, pred in predictors.items()}
+        exhaustive = math.comb(len(idx), b) <= config.exhaustive_limit
+        rng = np.random.default_rng(seed + 100 + b)
+        if exhaustive:
+            pool = exhaustive_masks(e, (b,), allowed)
+            if config.connected_picks:
+                pool = pool[graph.connected(pool)]
+        else:
+            rand = np.ones((config.search_random, e), dtype=np.float32)
+            for row in rand:
+                row[idx[rng.choice(len(idx), size=b, replace=False)]] = 0
+            if config.connected_picks:
+                rand = rand[graph.connected(rand)]
+            pool = unique_rows(np.vstack([np.stack(list(picks.values())), rand]))
+        pool_loss = ev(pool, evaluation).loss
+        if not exhaustive and config.search_swaps:  # swap moves around the best mask found so far
+            best = pool[int(np.argmin(pool_loss))]
+            swaps = np.repeat(best[None], config.search_swaps, 0)
+            for row in swaps:
+                row[rng.choice(np.flatnonzero((row == 0) & allowed))] = 1
+                row[rng.choice(np.flatnonzero((row == 1) & allowed))] = 0
+            if config.connected_picks:
+                swaps = swaps[graph.connected(swaps)]
+            swaps = unique_rows(swaps)
+            if len(swaps):
+                pool = np.vstack([pool, swaps])
+                pool_loss = np.concatenate([pool_loss, ev(swaps, evaluation).loss])
+        best_loss = float(pool_loss.min())
+        lookup = {row.astype(np.float32).tobytes(): float(l) for row, l in zip(pool, pool_loss)}
+        chosen_rows = []
+        for name, mask in picks.items():
+            chosen = lookup.get(mask.astype(np.float32).tobytes())
+            chosen = float(ev(mask[None], evaluation).loss[0]) if chosen is None else chosen
+            best_loss = min(best_loss, chosen)
+            frac = budget if config.budget_unit == "fraction" else b / len(idx)
+            chosen_rows.append({**key, "budget_frac": frac, "removed": b, "method": name,
+                                "chosen_loss": chosen, "exhaustive": exhaustive, "pool": len(pool),
+                                "mask": "".join(str(int(v)) for v in mask)})
+        for r in chosen_rows:
+            r["best_loss"] = best_loss
+            r["regret"] = r["chosen_loss"] - best_loss
+        rows.extend(chosen_rows)
+    return rows

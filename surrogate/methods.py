@@ -1,0 +1,125 @@
+"""Every method, registered once: zero-shot scorers and fitted surrogates behind one verb, ``fit_method``.
+
+A method turns a ``Context`` (the model, its graph, the scoring subset, the masks measured on it) into a
+``Predictor``: ``predict(masks)`` gives a predicted loss (or a quantity monotone in it) for any (M, E) masks
+and ``importance`` the predicted cost of removing each edge alone. The registry also knows what a reader of
+a results table needs: the method's label, whether it is this project's, whether it is fitted on measured
+masks (and needs their outputs), and what it costs in passes over the scoring subset::
+
+    from surrogate.methods import METHODS, fit_method
+    pred = fit_method("superposition", ctx)          # ctx.measured: the prior design with outputs kept
+    METHODS["taylor2"].passes(num_edges=18)          # {"forward": 1, "backward": 19}
+
+Register your own with ``register_method``; the experiment protocol, ``auto_prune`` and the notebooks
+all go through this table, in its order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from . import scorers as S
+from . import surrogates as G
+from .scorers import Context, Predictor
+
+__all__ = ["Method", "METHODS", "register_method", "fit_method", "method_names", "label"]
+
+PassCount = Callable[[int, int], tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of the registry.
+
+    build: Context -> Predictor (a surrogate is constructed and fitted on ``ctx.measured``).
+    fitted: fitted on measured masks (needs ``ctx.measured``); needs_outputs: also their outputs
+    (``evaluate_masks(..., keep_outputs=True)``), else it measures them itself.
+    cost: (E, K) -> (forward, backward) passes over the scoring subset, K = number of measured masks it
+    is fitted on (a mask's loss costs one forward pass)."""
+    name: str
+    label: str
+    build: Callable[[Context], Predictor]
+    cost: PassCount
+    ours: bool = False
+    fitted: bool = False
+    needs_outputs: bool = False
+    description: str = ""
+
+    def passes(self, num_edges: int, num_masks: int = 0) -> dict[str, int]:
+        """Forward and backward passes over the scoring subset this method costs."""
+        f, b = self.cost(num_edges, num_masks)
+        return {"forward": int(f), "backward": int(b)}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Add ``method`` to the registry (at the end of its order)."""
+    if method.name in METHODS and not replace:
+        raise KeyError(f"a method named {method.name!r} is registered already; pass replace=True to override")
+    METHODS[method.name] = method
+    return method
+
+
+def _get(name: str) -> Method:
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; registered: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def fit_method(name: str, ctx: Context) -> Predictor:
+    """The predictor of method ``name`` on ``ctx``: scored zero-shot, or fitted on ``ctx.measured``."""
+    method = _get(name)
+    if method.fitted and (ctx.measured is None or len(ctx.measured) == 0):
+        raise ValueError(f"{name!r} is fitted on measured masks but the context has none: measure masks (e.g. "
+                         "surrogate.masks.prior_design) with evaluate_masks and pass Context(..., measured="
+                         "Measured.of(masks, result))")
+    return method.build(ctx)
+
+
+def method_names(names: Iterable[str] | None = None, *, ours: bool | None = None,
+                 fitted: bool | None = None) -> list[str]:
+    """Registered names in registry order (optionally only those in ``names``, ours / fitted or not)."""
+    wanted = None if names is None else set(names)
+    if wanted is not None:
+        for n in wanted:
+            _get(n)
+    return [n for n, m in METHODS.items() if (wanted is None or n in wanted)
+            and (ours is None or m.ours == ours) and (fitted is None or m.fitted == fitted)]
+
+
+def label(name: str) -> str:
+    """The display label of a registered method (the name itself for anything else, e.g. "oracle")."""
+    return METHODS[name].label if name in METHODS else name
+
+
+def _surrogate(cls: type) -> Callable[[Context], Predictor]:
+    return lambda ctx: cls(ctx).fit(ctx.measured)
+
+
+def _fitted(extra: int = 0) -> PassCount:
+    return lambda e, k: (k + extra, 0)
+
+
+for _m in (
+    Method("random", "Random", S.random_scorer, lambda e, k: (0, 0)),
+    Method("magnitude", "Magnitude (activation L1)", S.magnitude_scorer, lambda e, k: (1, 0)),
+    Method("param_l1", "Magnitude (parameter L1)", S.param_l1_scorer, lambda e, k: (0, 0)),
+    Method("taylor1", "Taylor, 1st order", S.taylor1_scorer, lambda e, k: (1, 1)),
+    Method("taylor1_abs", "Taylor, 1st order, abs.", S.taylor1_abs_scorer, lambda e, k: (1, 1)),
+    Method("taylor2", "Taylor, 2nd order", S.taylor2_scorer, lambda e, k: (1, 1 + e),
+           description="S(1) + g.(m-1) + (m-1)^T H (m-1) / 2; H from E Hessian-vector products"),
+    Method("connectivity", "Connectivity", S.connectivity_scorer, lambda e, k: (0, 0)),
+    Method("loo", "Leave-one-out", S.loo_scorer, lambda e, k: (e + 1, 0),
+           description="measured single-removal losses, summed (reused from the measured masks if there)"),
+    Method("linear", "Linear regression", _surrogate(G.LinearSurrogate), _fitted(), fitted=True),
+    Method("fcn", "FCN", _surrogate(G.MLPSurrogate), _fitted(), fitted=True),
+    Method("prior_graph", "Graph (prior)", _surrogate(G.PriorGraphSurrogate), _fitted(), fitted=True),
+    Method("flow", "Flow (ours, zero-shot)", S.flow_scorer, lambda e, k: (1, 0), ours=True),
+    Method("graph_flow", "Graph-flow (ours)", _surrogate(G.GraphFlowSurrogate), _fitted(1), ours=True,
+           fitted=True),
+    Method("superposition", "Superposition (ours)", _surrogate(G.SuperpositionSurrogate), _fitted(1), ours=True,
+           fitted=True, needs_outputs=True),
+):
+    register_method(_m)
