@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
 __all__ = ["Vertex", "Edge", "HeadSplit", "ComputationGraph", "TraceError", "build_graph", "trace"]
@@ -50,8 +51,12 @@ def _trace_fx(model: nn.Module) -> fx.GraphModule:
 
 
 def _trace_export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
-    # Every dimension may stay dynamic (export decides); the batch dimension must, so that a batch of
-    # masks can be evaluated as one larger batch.
+    """torch.export with every dimension allowed to stay dynamic (export decides). The batch dimension must:
+    a batch of masks is evaluated as one larger batch. Export fixes every dimension of size 0 or 1 to that
+    size, so an example batch of 1 is traced repeated to a batch of 2 (the graph runs at batch 1 too)."""
+    if inputs[0].dim() > 0 and inputs[0].shape[0] == 1:
+        inputs = tuple(x.repeat(2, *([1] * (x.dim() - 1))) if x.dim() > 0 and x.shape[0] == 1 else x
+                       for x in inputs)
     dyn = tuple({d: torch.export.Dim.AUTO for d in range(x.dim())} for x in inputs)
     was_training = model.training
     model.eval()  # the exported graph is specialised to eval mode (dropout off, running BN stats)
@@ -59,7 +64,15 @@ def _trace_export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.Grap
         ep = torch.export.export(model, inputs, dynamic_shapes=dyn, strict=False)
     finally:
         model.train(was_training)
-    return ep.module()
+    gm = ep.module()
+    fixed = {n.name: int(v.shape[0]) for n in gm.graph.nodes if n.op == "placeholder"
+             for v in [n.meta.get("val")] if isinstance(v, torch.Tensor) and v.dim() > 0
+             and is_concrete_int(v.shape[0])}
+    if fixed:
+        raise TraceError(f"torch.export fixed dim 0 (the batch) of input(s) {fixed}: forward() ties it to that "
+                         "size (e.g. a reshape to a literal batch size), so no other batch size or batch of masks "
+                         "could run. Write the batch size as x.shape[0] or -1.")
+    return gm
 
 
 def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -88,7 +101,7 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
     raise TraceError(
         f"Could not trace {type(model).__name__} into a computation graph.\n" + "\n".join(errors) +
         "\nWhat to do: make forward() take tensors positionally and return tensors; avoid Python control "
-        "flow on tensor values (torch.fx) or pass tracer='export' with example inputs of batch size >= 2; "
+        "flow on tensor values (torch.fx) or pass tracer='export'; "
         "for Hugging Face models call them with use_cache=False (see surrogate.models.CausalLMLogits).")
 
 

@@ -78,3 +78,60 @@ def test_shape_oracle_adds_no_state():
     for other in (copy.deepcopy(small), pickle.loads(pickle.dumps(small))):
         with torch.no_grad():
             assert torch.equal(other(x2), small(x2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. torch.export keeps the batch dimension dynamic when the example batch is 1
+
+class _ShapeBranch(nn.Module):
+    """Python control flow on a shape: torch.fx cannot trace it, torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 2:
+            return self.a(x) + torch.relu(self.b(x))
+        return x
+
+
+class _LiteralBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a(x) + self.b(x)).reshape(2, 2, 2).sum(-1)  # the batch size written as a literal
+
+
+def _check_batches(net: nn.Module, graph, x: torch.Tensor) -> None:
+    gated = GatedModel(graph)
+    masks = torch.stack([torch.ones(graph.num_prunable), graph.mask_from_removed([0])])
+    with torch.no_grad():
+        assert torch.allclose(gated(x), net(x), atol=1e-6)
+        batched = gated(x[:1], mask=masks)                       # a batch of masks at batch 1
+        assert batched.shape[:2] == (2, 1)
+        for i, m in enumerate(masks):
+            assert torch.allclose(batched[i], gated(x[:1], mask=m), atol=1e-6)
+        assert torch.allclose(prune(graph, masks[1])(x), gated(x, mask=masks[1]), atol=1e-6)
+
+
+def test_export_at_batch_one_keeps_the_batch_dynamic():
+    torch.manual_seed(0)
+    net = _ShapeBranch().eval()
+    graph = build_graph(net, torch.randn(1, 4))
+    assert graph.tracer == "export" and graph.example_inputs[0].shape == (1, 4)
+    _check_batches(net, graph, torch.randn(3, 4))
+
+
+def test_exported_gpt2_at_batch_one_keeps_the_batch_dynamic():
+    net = CausalLMLogits(gpt2_small_random(n_layer=2)).eval()
+    graph = build_graph(net, torch.randint(0, 128, (1, 8)), tracer="export")
+    _check_batches(net, graph, torch.randint(0, 128, (3, 8)))
+
+
+def test_export_that_fixes_the_batch_raises():
+    from surrogate import TraceError
+    with pytest.raises(TraceError, match="fixed dim 0"):
+        build_graph(_LiteralBatch(), torch.randn(2, 4), tracer="export")
