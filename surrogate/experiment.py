@@ -258,18 +258,24 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
             **{f"ceiling_{p}": c for p, c in ceiling.items()}}
 
     # 3. every method on one context; ranking on every family
-    ctx = Context(graph, gated, scoring, task, measured, seed=seed, batch_size=config.context_batch)
+    removable = _allowed(graph, config.budget_edges)
+    max_removed = max(_budget_edges(config, b, int(removable.sum())) for b in config.budgets) if config.budgets else None
+    ctx = Context(graph, gated, scoring, task, measured, seed=seed, batch_size=config.context_batch,
+                  removable=None if removable.all() else removable, max_removed=max_removed)
     conn = {p: graph.connected(m) for p, m in tests.items()}
     removed = {p: (m == 0).sum(1) for p, m in tests.items()}
     protocols: list[dict[str, Any]] = []
     by_k: list[dict[str, Any]] = []
     predictors: dict[str, Predictor] = {}
+    all_passes: dict[str, dict[str, int]] = {}
     predictions: dict[str, dict[str, np.ndarray]] = {p: {} for p in tests}
     for name in methods:
         say(f"method {name}")
         pred, seconds = _timed(lambda: fit_method(name, ctx))
         predictors[name] = pred
-        passes = METHODS[name].passes(e, len(fit) if METHODS[name].fitted else 0)
+        passes = all_passes[name] = METHODS[name].passes_in(ctx)
+        if not METHODS[name].predicts:  # a search method: its picks count, its "predictions" do not
+            continue
         for p, m in tests.items():
             yhat = np.asarray(pred.predict(m), dtype=np.float64)
             predictions[p][name] = yhat
@@ -289,6 +295,8 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
 
     # 4. budgeted pruning: true loss of each method's pick against the best achievable
     regret = _regret(config, graph, predictors, ev, evaluation, mseed, key)
+    for r in regret:
+        r.update(all_passes[r["method"]])
 
     # 5. sample efficiency: measured masks of each family added to the prior design
     efficiency: list[dict[str, Any]] = []
@@ -316,6 +324,10 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
     return ExperimentResult(info, protocols, by_k, regret, efficiency, example)
 
 
+def _budget_edges(config: ExperimentConfig, budget: float, removable: int) -> int:
+    return max(1, round(budget * removable)) if config.budget_unit == "fraction" else int(budget)
+
+
 def _regret(config: ExperimentConfig, graph: ComputationGraph, predictors: Mapping[str, Predictor], ev: Any,
             evaluation: Subset, seed: int, key: Mapping[str, Any]) -> list[dict[str, Any]]:
     e = graph.num_prunable
@@ -323,7 +335,7 @@ def _regret(config: ExperimentConfig, graph: ComputationGraph, predictors: Mappi
     idx = np.flatnonzero(allowed)
     rows: list[dict[str, Any]] = []
     for budget in config.budgets:
-        b = max(1, round(budget * len(idx))) if config.budget_unit == "fraction" else int(budget)
+        b = _budget_edges(config, budget, len(idx))
         if b > len(idx):
             raise ValueError(f"budget {budget} removes {b} edges but only {len(idx)} may be removed")
         picks = {name: select_mask(pred, graph, Budget(edges=b), beam_width=config.beam_width,

@@ -34,8 +34,12 @@ class Method:
     build: Context -> Predictor (a surrogate is constructed and fitted on ``ctx.measured``).
     fitted: fitted on measured masks (needs ``ctx.measured``); needs_outputs: also their outputs
     (``evaluate_masks(..., keep_outputs=True)``), else it measures them itself.
+    predicts: its ``predict`` is a loss model whose ranking of masks is meaningful; False for search methods
+    (e.g. greedy removal) whose predictor only orders removals for picks under a budget.
     cost: (E, K) -> (forward, backward) passes over the scoring subset, K = number of measured masks it
-    is fitted on (a mask's loss costs one forward pass)."""
+    is fitted on (a mask's loss costs one forward pass). cost_in: for methods whose cost depends on the
+    context (e.g. a greedy search reads ``ctx.removable`` and ``ctx.max_removed``), Context -> (forward,
+    backward); ``passes_in(ctx)`` uses it when given."""
     name: str
     label: str
     build: Callable[[Context], Predictor]
@@ -43,12 +47,22 @@ class Method:
     ours: bool = False
     fitted: bool = False
     needs_outputs: bool = False
+    predicts: bool = True
     description: str = ""
+    cost_in: Callable[[Context], tuple[int, int]] | None = None
 
     def passes(self, num_edges: int, num_masks: int = 0) -> dict[str, int]:
         """Forward and backward passes over the scoring subset this method costs."""
         f, b = self.cost(num_edges, num_masks)
         return {"forward": int(f), "backward": int(b)}
+
+    def passes_in(self, ctx: Context) -> dict[str, int]:
+        """The passes this method costs on ``ctx`` (its measured masks, removable edges and budget)."""
+        if self.cost_in is not None:
+            f, b = self.cost_in(ctx)
+            return {"forward": int(f), "backward": int(b)}
+        k = len(ctx.measured) if self.fitted and ctx.measured is not None else 0
+        return self.passes(ctx.num_edges, k)
 
 
 METHODS: dict[str, Method] = {}

@@ -86,9 +86,15 @@ class Context:
     measured: Measured | None = None
     seed: int = 0
     batch_size: int = 512
+    removable: np.ndarray | None = None   # (E,) which edges a pick may remove (None: all); search methods use it
+    max_removed: int | None = None        # the largest number of edges a pick will remove (None: all removable)
     memo: dict[str, Any] = field(default_factory=dict, repr=False)  # shared expensive quantities
 
     def __post_init__(self) -> None:
+        if self.removable is not None:
+            self.removable = np.asarray(self.removable, dtype=bool)
+            if self.removable.shape != (self.graph.num_prunable,):
+                raise ValueError(f"removable must have one entry per prunable edge ({self.graph.num_prunable})")
         if self.measured is not None and self.measured.num_edges != self.graph.num_prunable:
             raise ValueError(f"measured masks have {self.measured.num_edges} entries but the graph has "
                              f"{self.graph.num_prunable} prunable edges")
