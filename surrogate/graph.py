@@ -4,9 +4,10 @@ A model is traced (torch.fx first, torch.export as fallback) into an fx graph of
 operations are grouped into *vertices* (by default: one vertex per call of a leaf module such as a Conv2d
 or Linear, and one per free-standing tensor operation such as an ``add`` or ``cat``), and an *edge* is a
 tensor that flows from one vertex into another. A subset of the edges is *prunable*: by default the
-inputs of every merge (residual add, concatenation, elementwise product of two branches); optionally
-every edge. Names are module paths, so ``"layer1.0.bn2 -> layer1.0.add"`` reads as "the residual branch
-of block layer1.0". Optionally (``heads=``) the input of an attention output projection is split into one
+inputs of every structural merge (residual add, concatenation of branches, elementwise product of two
+branches; not element-wise arithmetic on a single tensor, see ``build_graph``); optionally every edge.
+Names are module paths, so ``"layer1.0.bn2 -> layer1.0.add"`` reads as "the residual branch of block
+layer1.0". Optionally (``heads=``) the input of an attention output projection is split into one
 prunable edge per attention head, named ``"... -> h.0.attn.c_proj[head 1]"``.
 """
 from __future__ import annotations
@@ -374,9 +375,17 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
         free-standing op; an int d: modules at depth d are vertices; a tuple of module classes (or a
         predicate (path, module) -> bool): calls of matching modules are vertices. Leaf modules are always
         units; the outermost matching module wins.
-    edges: which edges are prunable. "merge": every floating-point input of a merge op (add, sub, cat,
-        stack, and mul of two computed tensors) that has at least two such inputs; "all": every
-        floating-point edge except those into the output; or a predicate on Edge.
+    edges: which edges are prunable. "merge": every floating-point input of a structural merge (below);
+        "all": every floating-point edge except those into the output; or a predicate on Edge (every
+        merge input, structural or not: ``lambda e: e.merge is not None``).
+        A merge is an add, sub, cat, stack or mul with at least two floating-point inputs computed from the
+        model's inputs. It is *structural* unless all its inputs derive from one common tensor through
+        parameter-free vertices alone, i.e. unless no input passes through a layer (a vertex with
+        parameters) since the inputs' last common ancestor. Cutting an input of a structural merge can
+        remove computation; cutting one of a non-structural merge cannot (it only edits element-wise
+        arithmetic on one tensor, such as the rotary-embedding ``q * cos + rotate_half(q) * sin`` inside
+        attention). Residual adds ``x + f(x)``, concatenated branches (fire, inception), gated products
+        (SwiGLU's ``act(gate(x)) * up(x)``, squeeze-excitation's ``x * scale``) are structural.
     exclude: optional regular expression; prunable edges whose name matches it are not gated (head edges
         included).
     heads: optional {pattern: number of heads}. Every module whose path (as in ``model.named_modules()``)
@@ -465,7 +474,8 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
         return all(_is_float(info.get(p)) for p, _ in e.links)
 
     if edges == "merge":
-        pick = [e for e in all_edges if e.merge is not None and floating(e)]
+        structural = _structural_merges(vert, all_edges, lambda v: _has_parameters(v, model, gm, by_name))
+        pick = [e for e in all_edges if e.merge is not None and floating(e) and e.dst in structural]
     elif edges == "all":
         pick = [e for e in all_edges if e.dst != "output" and floating(e)]
     elif callable(edges):
@@ -485,6 +495,47 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
     if not pick:
         warnings.warn(f"{type(model).__name__}: no prunable edges were found with edges={edges!r}")
     return ComputationGraph(gm, vert, all_edges, pick, used, inputs, info, splits)
+
+
+def _has_parameters(vertex: Vertex, model: nn.Module, gm: fx.GraphModule, by_name: dict[str, fx.Node]) -> bool:
+    """Whether a vertex is a layer: a call of a module with parameters, or operations reading a parameter."""
+    path = vertex.name.split("@")[0]
+    if vertex.kind == "module" and _safe_has(model, path) and \
+            next(model.get_submodule(path).parameters(), None) is not None:
+        return True
+    for name in vertex.nodes:
+        n = by_name[name]
+        if n.op == "call_module" and next(gm.get_submodule(str(n.target)).parameters(), None) is not None:
+            return True
+        for p in n.all_input_nodes:
+            if p.op == "get_attr" and isinstance(_attr(gm, str(p.target)), nn.Parameter):
+                return True
+    return False
+
+
+def _attr(module: nn.Module, target: str) -> Any:
+    for item in target.split("."):
+        module = getattr(module, item, None)
+    return module
+
+
+def _structural_merges(vertices: list[Vertex], edges: list[Edge], is_layer: Callable[[Vertex], bool]) -> set[str]:
+    """Merge vertices whose inputs do not all derive from one tensor through parameter-free vertices.
+
+    source(v) is the vertex that v's value is computed from through parameter-free vertices alone: v itself
+    for an input, a layer, or a vertex combining tensors of different sources; otherwise the one source of
+    its inputs. A merge is structural if its merged inputs have more than one source."""
+    preds: dict[str, list[str]] = {}
+    merged: dict[str, list[str]] = {}
+    for e in edges:
+        preds.setdefault(e.dst, []).append(e.src)
+        if e.merge is not None:
+            merged.setdefault(e.dst, []).append(e.src)
+    source: dict[str, str] = {}
+    for v in vertices:  # topological order
+        ups = {source[u] for u in preds.get(v.name, ())}
+        source[v.name] = ups.pop() if len(ups) == 1 and v.kind != "input" and not is_layer(v) else v.name
+    return {v for v, ins in merged.items() if len({source[u] for u in ins}) > 1}
 
 
 def _projection_layout(module: nn.Module) -> Literal["linear", "conv1d"] | None:

@@ -135,3 +135,57 @@ def test_export_that_fixes_the_batch_raises():
     from surrogate import TraceError
     with pytest.raises(TraceError, match="fixed dim 0"):
         build_graph(_LiteralBatch(), torch.randn(2, 4), tracer="export")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. only structural merges are prunable by default
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class _Merges(nn.Module):
+    """Every kind of merge: structural ones (residual add, concatenated branches, gated and
+    squeeze-excitation products) and arithmetic on one tensor (rotary embedding, x + relu(x))."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.q, self.f, self.b1, self.b2 = (nn.Linear(d, d) for _ in range(4))
+        self.gate, self.up, self.se = nn.Linear(2 * d, d), nn.Linear(2 * d, d), nn.Linear(d, d)
+        self.register_buffer("cos", torch.rand(d))
+        self.register_buffer("sin", torch.rand(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x)
+        q = q * self.cos + _rotate_half(q) * self.sin      # rotary: one tensor, no layer in between
+        q = q + torch.relu(q)                              # parameter-free branch
+        h = q + self.f(q)                                  # residual add
+        h = torch.cat([self.b1(h), self.b2(h)], -1)        # concatenated branches
+        h = torch.nn.functional.silu(self.gate(h)) * self.up(h)   # gated product (SwiGLU)
+        return h * torch.sigmoid(self.se(h))               # squeeze-excitation-like scale
+
+
+def test_only_structural_merges_are_prunable():
+    torch.manual_seed(0)
+    net = _Merges().eval()
+    graph = build_graph(net, torch.randn(3, 8))
+    dst = sorted({e.dst for e in graph.prunable})
+    assert dst == ["add_2", "cat_1", "mul_2", "mul_3"]
+    assert graph.num_prunable == 8
+    every = build_graph(net, torch.randn(3, 8), edges=lambda e: e.merge is not None)
+    assert every.num_prunable == 8 + 6                     # cat, add of the rotary, q + relu(q)
+    assert set(graph.edge_names) < set(every.edge_names)
+
+
+def test_llama_merges_without_exclude():
+    from test_graph import _llama
+    net, x = _llama()
+    graph = build_graph(net, x)
+    assert not [n for n in graph.edge_names if "self_attn." in n.split(" -> ")[1]]
+    for layer in range(2):
+        into = [e for e in graph.prunable if f"layers.{layer}." in e.dst]
+        residual = [e for e in into if e.merge == "add" and e.dst.split(".")[-2] == str(layer)]
+        gated = [e for e in into if e.merge == "mul" and ".mlp." in e.dst]
+        assert len(into) == 6 and len(residual) == 4 and len(gated) == 2
+        assert {e.src.rsplit(".", 1)[-1] for e in gated} == {"act_fn", "up_proj"}
