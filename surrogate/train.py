@@ -50,6 +50,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     autocast: Literal["bf16"] | None = None  # forward pass under torch.autocast(bfloat16); loss in float32
     device: str = "cpu"                 # the model is moved here, and each batch with it
+    channels_last: bool = False         # convolutional nets: train in channels-last memory format (faster
+                                        # on CPUs); the returned model is contiguous again
     seed: int = 0
 
 
@@ -131,6 +133,9 @@ def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, co
         raise ValueError(f"keep must be 'best' or 'last', got {config.keep!r}")
     device = torch.device(config.device)
     model.to(device)
+    fmt = torch.channels_last if config.channels_last else None
+    if fmt is not None:
+        model.to(memory_format=fmt)
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -149,6 +154,8 @@ def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, co
             x, y = train_data.inputs[b].to(device), train_data.targets[b].to(device)
             if augment is not None:
                 x = augment(x, gen)
+            if fmt is not None:
+                x = x.contiguous(memory_format=fmt)
             with _autocast(config.autocast, device):
                 out = model(x)
             out = out.float() if config.autocast is not None else out
@@ -170,6 +177,8 @@ def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, co
             best = (val_loss, epoch, copy.deepcopy(model.state_dict()) if keep_best else None)
         elif config.patience is not None and epoch - best[1] >= config.patience:
             break
+    if fmt is not None:
+        model.to(memory_format=torch.contiguous_format)
     if keep_best:
         model.load_state_dict(best[2])
     model.eval()

@@ -230,3 +230,13 @@ def test_cifar_augment_feeds_training(data) -> None:
     a = train(copy.deepcopy(net), Subset("t", x, y), Subset("v", x, y), TASK, config, augment=cifar_augment)
     b = train(copy.deepcopy(net), Subset("t", x, y), Subset("v", x, y), TASK, config, augment=cifar_augment)
     assert a.history == b.history  # deterministic under the config's seed
+
+
+def test_channels_last_training_returns_a_contiguous_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    x, y = torch.randn(32, 3, 6, 6), torch.randint(0, 2, (32,))
+    data = Subset("d", x, y)
+    res = train(net, data, data, Task("classification"), TrainConfig(epochs=2, batch_size=8, channels_last=True))
+    assert res.model[0].weight.is_contiguous()
+    assert len(res.history) == 2 and np.isfinite(res.history[-1]["train_loss"])
