@@ -87,8 +87,12 @@ def _neutral_one(edge: Edge) -> bool:
     return edge.merge is not None and MERGE_OPS.get(edge.merge) == "one"
 
 
-def check_mask(mask: Any, num_edges: int, *, binary: bool = False, batch: bool = True) -> torch.Tensor:
-    """Validate a mask (or a batch of masks) and return it as a float tensor."""
+def check_mask(mask: Any, num_edges: int, *, binary: bool = False, batch: bool = True,
+               allow_extrapolation: bool = False) -> torch.Tensor:
+    """Validate a mask (or a batch of masks) and return it as a float tensor.
+
+    Entries lie in [0, 1] (0 removes an edge, 1 keeps it, values between interpolate), or are 0/1 only with
+    ``binary``. ``allow_extrapolation`` admits any finite value (for derivatives with respect to the gates)."""
     if not isinstance(mask, torch.Tensor):
         try:
             mask = torch.as_tensor(mask)
@@ -110,6 +114,12 @@ def check_mask(mask: Any, num_edges: int, *, binary: bool = False, batch: bool =
         raise ValueError("mask contains NaN or infinite values")
     if binary and not ((mask == 0) | (mask == 1)).all():
         raise ValueError("this operation needs a binary mask (entries 0 or 1); got other values")
+    outside = (mask < 0) | (mask > 1)
+    if not allow_extrapolation and bool(outside.any()):
+        values = sorted({float(v) for v in mask.detach()[outside].flatten()[:5]})
+        raise ValueError(f"mask entries must lie in [0, 1] (0 removes an edge, 1 keeps it); got {values}. Gates "
+                         "outside [0, 1] extrapolate the model beyond any pruned network and only make sense for "
+                         "derivatives: pass allow_extrapolation=True if you mean it")
     return mask
 
 
@@ -118,7 +128,8 @@ class GatedModel(nn.Module):
 
     mask: None (all ones), shape (E,) for one mask, or (M, E) for M masks evaluated in one pass over an
     M-times replicated batch; outputs then have a leading dimension M (shape (M, B, ...)). Gates may be
-    continuous and require grad (for gradients/Hessians with respect to the gates).
+    continuous in [0, 1] and require grad (for gradients/Hessians with respect to the gates); values
+    outside [0, 1] are rejected unless ``allow_extrapolation=True``.
     """
 
     def __init__(self, graph: ComputationGraph):
@@ -163,7 +174,7 @@ class GatedModel(nn.Module):
     def num_edges(self) -> int:
         return self.graph.num_prunable
 
-    def forward(self, *inputs: torch.Tensor, mask: Any = None) -> Any:
+    def forward(self, *inputs: torch.Tensor, mask: Any = None, allow_extrapolation: bool = False) -> Any:
         e = self.num_edges
         if len(inputs) != len(self.graph.example_inputs):
             raise TypeError(f"expected {len(self.graph.example_inputs)} input tensors (as traced), "
@@ -179,7 +190,7 @@ class GatedModel(nn.Module):
             gates: torch.Tensor | tuple[float, ...] = (1.0,) * e
             m = 0
         else:
-            gates = check_mask(mask, e).to(device)
+            gates = check_mask(mask, e, allow_extrapolation=allow_extrapolation).to(device)
             m = gates.shape[0] if gates.dim() == 2 else 0
             if m == 0 and not (gates.requires_grad and torch.is_grad_enabled()):
                 gates = tuple(gates.tolist())

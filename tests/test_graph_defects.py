@@ -189,3 +189,33 @@ def test_llama_merges_without_exclude():
         gated = [e for e in into if e.merge == "mul" and ".mlp." in e.dst]
         assert len(into) == 6 and len(residual) == 4 and len(gated) == 2
         assert {e.src.rsplit(".", 1)[-1] for e in gated} == {"act_fn", "up_proj"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. gates outside [0, 1] only on request
+
+def test_gates_outside_unit_interval_need_allow_extrapolation():
+    from surrogate import check_mask
+    net, x = _resnet20()
+    graph = build_graph(net, x)
+    gated = GatedModel(graph)
+    e = graph.num_prunable
+    for bad in (1.5, -0.5):
+        mask = torch.ones(e)
+        mask[3] = bad
+        with pytest.raises(ValueError, match=r"\[0, 1\].*allow_extrapolation=True"):
+            gated(x, mask=mask)
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            gated(x, mask=mask[None].repeat(2, 1))
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            check_mask(mask, e)
+        assert torch.equal(check_mask(mask, e, allow_extrapolation=True), mask)
+        with torch.no_grad():
+            out = gated(x, mask=mask, allow_extrapolation=True)
+            assert torch.isfinite(out).all() and not torch.equal(out, gated(x))
+    with torch.no_grad():
+        half = torch.full((e,), 0.5)
+        assert gated(x, mask=half).shape == net(x).shape    # inside [0, 1]: accepted
+    gates = torch.ones(e, dtype=torch.float64, requires_grad=True)  # as gate_derivatives uses them
+    (grad,) = torch.autograd.grad(gated(x, mask=gates).pow(2).mean(), gates)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
