@@ -176,14 +176,9 @@ class GatedModel(nn.Module):
 
     def forward(self, *inputs: torch.Tensor, mask: Any = None, allow_extrapolation: bool = False) -> Any:
         e = self.num_edges
-        if len(inputs) != len(self.graph.example_inputs):
-            raise TypeError(f"expected {len(self.graph.example_inputs)} input tensors (as traced), "
-                            f"got {len(inputs)}")
-        for x, ref in zip(inputs, self.graph.example_inputs):
-            if not isinstance(x, torch.Tensor) or x.dim() != ref.dim():
-                raise ValueError(f"input of shape {tuple(getattr(x, 'shape', ()))} does not match the "
-                                 f"traced example of shape {tuple(ref.shape)} (same number of dimensions "
-                                 "needed; dim 0 is the batch)")
+        traced = tuple((tuple(x.shape), x.dtype) for x in self.graph.example_inputs)
+        _check_inputs(inputs, traced, "the gated model")
+        given = inputs
         ref_param = next(iter(self.module.parameters()), None)
         device = ref_param.device if ref_param is not None else inputs[0].device
         if mask is None:
@@ -200,16 +195,54 @@ class GatedModel(nn.Module):
         try:
             out = self.module(*inputs)
         except Exception as exc:
-            shapes = [tuple(x.shape) for x in inputs]
-            raise RuntimeError(f"gated forward failed for inputs of shapes {shapes} (traced with "
-                               f"{[tuple(x.shape) for x in self.graph.example_inputs]}): {exc}. If the shapes differ from the traced ones, "
-                               "build the graph again with example inputs of the shapes you need.") from exc
+            raise RuntimeError(_forward_failed(exc, given, traced)) from exc
         finally:
             setattr(self.module, _GATES_ATTR, None)
         if m:
             out = pytree.tree_map(lambda t: t.unflatten(0, (m, -1)) if isinstance(t, torch.Tensor)
                                   and t.dim() > 0 else t, out)
         return out
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "boolean"
+    if dtype.is_complex:
+        return "complex"
+    return "floating-point" if dtype.is_floating_point else "integer"
+
+
+def _check_inputs(inputs: Sequence[Any], traced: Sequence[tuple[tuple[int, ...], torch.dtype]], what: str) -> None:
+    """Raise if ``inputs`` cannot be what the model was traced with: their number, each one's number of
+    dimensions (any size may differ) and kind of dtype (integer token ids, floating-point features...)."""
+    if len(inputs) != len(traced):
+        raise TypeError(f"{what} takes {len(traced)} input tensor(s) (as traced), got {len(inputs)}")
+    for i, (x, (shape, dtype)) in enumerate(zip(inputs, traced)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input {i} of {what} must be a tensor, got {type(x).__name__}")
+        if x.dim() != len(shape):
+            raise ValueError(f"input {i} of {what} has shape {tuple(x.shape)}, but the model was traced with "
+                             f"shape {shape}: pass the same number of dimensions (dim 0 is the batch)")
+        if _dtype_kind(x.dtype) != _dtype_kind(dtype):
+            raise TypeError(f"input {i} of {what} has dtype {x.dtype}, but the model was traced with {dtype}: "
+                            f"pass {_dtype_kind(dtype)} values{' (token ids?)' if _dtype_kind(dtype) == 'integer' else ''}")
+
+
+def _forward_failed(exc: Exception, inputs: Sequence[torch.Tensor],
+                    traced: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> str:
+    """The message for a failed forward pass: the error itself; where the input shapes differ from the
+    traced ones (beyond the batch dimension), that they may be the cause."""
+    msg = f"gated forward failed: {type(exc).__name__}: {exc}"
+    if any(tuple(x.shape[1:]) != shape[1:] for x, (shape, _) in zip(inputs, traced)):
+        msg += (f"\nThe inputs have shapes {[tuple(x.shape) for x in inputs]}, the graph was traced with "
+                f"{[shape for shape, _ in traced]}: if the traced model cannot run at these shapes, build the "
+                "graph again with example inputs of the shapes you need.")
+    elif isinstance(exc, IndexError):
+        ranges = [f"input {i} holds values in [{int(x.min())}, {int(x.max())}]" for i, x in enumerate(inputs)
+                  if _dtype_kind(x.dtype) == "integer" and x.numel()]
+        if ranges:
+            msg += f"\n{'; '.join(ranges)}: is an index beyond an embedding table (a token id >= the vocabulary size)?"
+    return msg
 
 
 def _zeros(ref: torch.Tensor, shape: tuple[int, ...], ref_shape: tuple[int, ...], dtype: torch.dtype,
@@ -334,6 +367,21 @@ class RemovedTensors(nn.Module):
 _CONSTANTS_PATH = "_surrogate_removed"
 
 
+class InputCheck(nn.Module):
+    """The first operation of a pruned model: a clear error if its inputs cannot be what the model was
+    traced with (their number, number of dimensions, kind of dtype). No parameters or buffers."""
+
+    def __init__(self, traced: Sequence[tuple[tuple[int, ...], torch.dtype]]):
+        super().__init__()
+        self.traced = tuple((tuple(shape), dtype) for shape, dtype in traced)
+
+    def forward(self, *inputs: torch.Tensor) -> None:
+        _check_inputs(inputs, self.traced, "the pruned model")
+
+
+_CHECK_PATH = "_surrogate_input_check"
+
+
 def prune(graph: ComputationGraph, mask: Any) -> fx.GraphModule:
     """A physically smaller copy of the model with the edges where ``mask`` is 0 removed.
 
@@ -358,6 +406,8 @@ def prune(graph: ComputationGraph, mask: Any) -> fx.GraphModule:
         """A node of the constant replacing the removed tensor ``name`` (see ``RemovedTensors``)."""
         return g.call_module(_CONSTANTS_PATH, (name, graph.node_info[name][1], value, *placeholders))
 
+    with g.inserting_after(placeholders[-1]):  # before anything else (an exported graph's guards)
+        g.call_module(_CHECK_PATH, tuple(placeholders))
     removed_heads: dict[str, set[int]] = {}  # projection vertex -> removed heads
     for i, edge in enumerate(graph.prunable):
         if m[i] == 1:
@@ -374,11 +424,14 @@ def prune(graph: ComputationGraph, mask: Any) -> fx.GraphModule:
                 const = constant(p, 1.0 if one else 0.0)
             consumer.replace_input_with(producer, const)
     stand_in = nn.Module()  # the target of the constants' nodes until their shapes are known (below)
+    check = InputCheck([(tuple(x.shape), x.dtype) for x in graph.example_inputs])
     graph.module.add_submodule(_CONSTANTS_PATH, stand_in)
+    graph.module.add_submodule(_CHECK_PATH, check)
     try:
         pruned = fx.GraphModule(graph.module, g)
     finally:
         delattr(graph.module, _CONSTANTS_PATH)
+        delattr(graph.module, _CHECK_PATH)
     pruned.add_submodule(_CONSTANTS_PATH, stand_in)  # also when only head projections use it
     smaller = [_prune_heads(pruned, graph, graph.head_splits[v], removed, by_name, constant)
                for v, removed in removed_heads.items()]
@@ -410,7 +463,7 @@ def _has_side_effect(node: fx.Node) -> bool:
     if node.op in ("placeholder", "output"):
         return True
     if node.op == "call_module":
-        return node.target == "_guards_fn" or node.is_impure()
+        return node.target in ("_guards_fn", _CHECK_PATH) or node.is_impure()
     if node.op == "call_method":
         return str(node.target).endswith("_") and not str(node.target).startswith("_")  # in-place
     if node.op == "call_function":

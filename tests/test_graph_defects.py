@@ -219,3 +219,39 @@ def test_gates_outside_unit_interval_need_allow_extrapolation():
     gates = torch.ones(e, dtype=torch.float64, requires_grad=True)  # as gate_derivatives uses them
     (grad,) = torch.autograd.grad(gated(x, mask=gates).pow(2).mean(), gates)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. errors say what is wrong
+
+def test_gated_errors_mention_shapes_only_when_they_differ():
+    net = CausalLMLogits(gpt2_small_random(n_layer=2)).eval()   # vocabulary 128, 64 positions
+    x = torch.randint(0, 128, (2, 12))
+    gated = GatedModel(build_graph(net, x))
+    with pytest.raises(TypeError, match="dtype torch.float32.*traced with torch.int64") as err:
+        gated(x.float())
+    assert "shape" not in str(err.value)
+    with pytest.raises(RuntimeError, match="IndexError") as err:
+        gated(x + 128)                                               # token ids beyond the vocabulary
+    assert "shape" not in str(err.value) and "vocabulary size" in str(err.value)
+    with pytest.raises(RuntimeError, match="build the graph again"):
+        gated(torch.randint(0, 128, (2, 70)))                        # more positions than the model has
+
+
+def test_pruned_model_checks_its_inputs():
+    net, x = _resnet20()
+    graph = build_graph(net, x)
+    small = prune(graph, graph.mask_from_removed([0]))
+    assert isinstance(small, torch.fx.GraphModule)
+    full = prune(graph, torch.ones(graph.num_prunable))
+    assert set(full.state_dict()) == set(net.state_dict())        # the check adds no state
+    for model in (small, copy.deepcopy(small), pickle.loads(pickle.dumps(small))):
+        with pytest.raises(ValueError, match="input 0 of the pruned model has shape \\(3, 32, 32\\).*dimensions"):
+            model(x[0])
+        with pytest.raises(TypeError, match="dtype torch.int64.*traced with torch.float32"):
+            model(x.long())
+        with pytest.raises(TypeError, match="positional argument"):
+            model(x, x)
+        model.train()
+        assert model(x).shape == (2, 10)
+        model.eval()
