@@ -223,9 +223,10 @@ def _check_inputs(inputs: Sequence[Any], traced: Sequence[tuple[tuple[int, ...],
         if x.dim() != len(shape):
             raise ValueError(f"input {i} of {what} has shape {tuple(x.shape)}, but the model was traced with "
                              f"shape {shape}: pass the same number of dimensions (dim 0 is the batch)")
-        if _dtype_kind(x.dtype) != _dtype_kind(dtype):
+        kind = _dtype_kind(dtype)
+        if _dtype_kind(x.dtype) != kind:
             raise TypeError(f"input {i} of {what} has dtype {x.dtype}, but the model was traced with {dtype}: "
-                            f"pass {_dtype_kind(dtype)} values{' (token ids?)' if _dtype_kind(dtype) == 'integer' else ''}")
+                            f"pass {kind} values{' (token ids?)' if kind == 'integer' else ''}")
 
 
 def _forward_failed(exc: Exception, inputs: Sequence[torch.Tensor],
