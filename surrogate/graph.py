@@ -309,15 +309,26 @@ def _record_values(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> dict
             return [summarise(x) for x in v]
         return None
 
-    class _Rec(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            info[n.name] = summarise(out)
-            return out
+    def record(n: fx.Node, compute: Callable[[], Any]) -> Any:
+        out = compute()
+        info[n.name] = summarise(out)
+        return out
 
     with torch.no_grad():
-        _Rec(gm).run(*inputs)
+        run_nodes(gm, inputs, record)
     return info
+
+
+def run_nodes(module: fx.GraphModule, inputs: Sequence[Any], hook: Callable[[fx.Node, Callable[[], Any]], Any]) -> Any:
+    """Run a traced graph node by node: ``hook(node, compute)`` is called for every node, must call
+    ``compute()`` (which runs the node) and return its value -- so it can record values, measure the cost
+    of each node or stop early by raising. Returns the graph's output. The caller chooses grad and module
+    modes (measurements wrap it in ``surrogate.evaluate.measuring``)."""
+    class _Hooked(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            return hook(n, lambda: super(_Hooked, self).run_node(n))
+
+    return _Hooked(module).run(*inputs)
 
 
 def _is_float(info: Any) -> bool:
@@ -386,6 +397,9 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
         arithmetic on one tensor, such as the rotary-embedding ``q * cos + rotate_half(q) * sin`` inside
         attention). Residual adds ``x + f(x)``, concatenated branches (fire, inception), gated products
         (SwiGLU's ``act(gate(x)) * up(x)``, squeeze-excitation's ``x * scale``) are structural.
+        A sum of several terms ``a + b + c`` (traced as nested adds) is one merge vertex, named after its
+        last add, with one edge per term: a partial sum whose only user is another add of computed
+        tensors is part of that add's vertex (outside module vertices; in every ``edges`` mode).
     exclude: optional regular expression; prunable edges whose name matches it are not gated (head edges
         included).
     heads: optional {pattern: number of heads}. Every module whose path (as in ``model.named_modules()``)
@@ -396,9 +410,11 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
         ``edges`` and, whatever ``edges=`` chose, among the prunable edges); removing every head of a
         projection cuts that path.
     """
+    from .evaluate import measuring  # (evaluate imports gating, which imports this module)
     inputs = _as_tuple(example_inputs)
-    gm, used = trace(model, inputs, tracer)
-    info = _record_values(gm, inputs)
+    with measuring(model):  # tracing runs the model: never in training mode (BatchNorm statistics, dropout)
+        gm, used = trace(model, inputs, tracer)
+        info = _record_values(gm, inputs)
     is_unit = _vertex_rule(vertices, model)
     nodes = list(gm.graph.nodes)
 
@@ -411,6 +427,21 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
         elif n.op in ("call_function", "call_method", "call_module") and _has_tensor(info.get(n.name)):
             if any(p.name in data for p in n.all_input_nodes):
                 data.add(n.name)
+
+    def unit_of(n: fx.Node) -> tuple[str, str] | None:
+        """(module path, call suffix) of the module call whose vertex holds ``n``; None for a free op."""
+        unit = next(((p, c) for p, c in _module_stack(n) if is_unit(p)), None)
+        return (str(n.target), "") if n.op == "call_module" and unit is None else unit
+
+    def is_sum(n: fx.Node) -> bool:  # a free-standing add of two computed floating-point tensors
+        return (n.name in data and n.op in ("call_function", "call_method") and _canonical_op(n) == "add"
+                and n.kwargs.get("alpha", 1) == 1 and unit_of(n) is None
+                and sum(p.name in data and _is_float(info.get(p.name)) for p in _flat_inputs(n)) >= 2)
+
+    # a partial sum (a sum whose only user is another sum) joins that sum's vertex: a + b + c is one merge
+    # with one edge per term
+    sum_into = {n.name: next(iter(n.users)) for n in nodes if len(n.users) == 1 and is_sum(n)
+                and is_sum(next(iter(n.users)))}
 
     # vertex of each data node
     vertex_of: dict[str, str] = {}
@@ -426,21 +457,21 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
         elif _is_pass_through(n, data, info):
             v = vertex_of[n.all_input_nodes[0].name]  # an alias of its input (e.g. a no-op dtype cast)
             kind, op = meta[v]
+        elif (unit := unit_of(n)) is not None:
+            v = unit[0] + (f"@{unit[1]}" if unit[1] else "")
+            kind, op = "module", type(model.get_submodule(unit[0])).__name__ \
+                if _safe_has(model, unit[0]) else "module"
         else:
-            stack = _module_stack(n)
-            unit = next(((p, c) for p, c in stack if is_unit(p)), None)
-            if n.op == "call_module" and unit is None:
-                unit = (str(n.target), "")
-            if unit is not None:
-                v = unit[0] + (f"@{unit[1]}" if unit[1] else "")
-                kind, op = "module", type(model.get_submodule(unit[0])).__name__ \
-                    if _safe_has(model, unit[0]) else "module"
-            else:
-                scope = stack[-1][0] if stack else ""
-                v, kind, op = (f"{scope}.{n.name}" if scope else n.name), "op", _canonical_op(n)
+            root = n
+            while root.name in sum_into:  # the outermost sum of a chain names the vertex
+                root = sum_into[root.name]
+            stack = _module_stack(root)
+            scope = stack[-1][0] if stack else ""
+            v, kind, op = (f"{scope}.{root.name}" if scope else root.name), "op", _canonical_op(root)
         vertex_of[n.name] = v
         meta.setdefault(v, (kind, op))
-        order.setdefault(v, i)
+        if n.name not in sum_into:  # a chain of sums sits where its outermost sum is
+            order.setdefault(v, i)
 
     # edges between vertices
     links: dict[tuple[str, str], list[tuple[str, str]]] = {}
@@ -456,7 +487,7 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
     for (s, d), lk in links.items():
         merge = None
         consumers = {c for _, c in lk}
-        if len(consumers) == 1:
+        if len(consumers) == 1 or all(is_sum(by_name[c]) for c in consumers):  # one op, or one chain of sums
             c = by_name[next(iter(consumers))]
             op = _canonical_op(c)
             float_inputs = [p for p in _flat_inputs(c) if p.name in data and _is_float(info.get(p.name))]

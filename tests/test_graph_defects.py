@@ -255,3 +255,68 @@ def test_pruned_model_checks_its_inputs():
         model.train()
         assert model(x).shape == (2, 10)
         model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. a sum of several terms is one merge with one edge per term
+
+class _ThreeTerms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.a(x) + self.b(x) + torch.relu(self.c(x)))
+
+
+def test_sum_of_three_terms_is_one_merge():
+    torch.manual_seed(0)
+    net, x = _ThreeTerms().eval(), torch.randn(3, 4)
+    for edges in ("merge", "all"):
+        graph = build_graph(net, x, edges=edges)
+        into = [e for e in graph.edges if e.dst == "add_1"]
+        assert [e.src for e in into] == ["a", "b", "relu"] and all(e.merge == "add" for e in into)
+        assert not any(e.dst == "add" for e in graph.edges)      # the partial sum is no vertex of its own
+        # "all": x -> a, b, c; c -> relu; the three terms; the sum -> head
+        assert graph.num_prunable == (3 if edges == "merge" else 3 + 1 + 3 + 1)
+    graph = build_graph(net, x)
+    gated = GatedModel(graph)
+    terms = [net.a(x), net.b(x), torch.relu(net.c(x))]
+    with torch.no_grad():
+        assert torch.equal(gated(x), net(x)) and torch.equal(prune(graph, torch.ones(3))(x), net(x))
+        for k in range(8):
+            m = torch.tensor([(k >> i) & 1 for i in range(3)], dtype=torch.float32)
+            ref = net.head(sum(t * g for t, g in zip(terms, m)))
+            assert torch.allclose(gated(x, mask=m), ref, atol=1e-6)
+            assert torch.equal(prune(graph, m)(x), gated(x, mask=m))
+
+
+def test_parallel_residual_is_one_merge_per_layer():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=128, max_position_embeddings=64, rotary_pct=0.5)
+    net, x = CausalLMLogits(GPTNeoXForCausalLM(cfg).eval()), torch.randint(0, 128, (2, 12))
+    graph = build_graph(net, x)                   # x + attn(ln1(x)) + mlp(ln2(x)) in every layer
+    assert graph.num_prunable == 3 * 2 and len({e.dst for e in graph.prunable}) == 2
+    gated = GatedModel(graph)
+    with torch.no_grad():
+        assert torch.equal(gated(x), net(x))
+        for m in _masks(graph, 6):
+            assert torch.equal(prune(graph, m)(x), gated(x, mask=m))
+
+
+def test_random_graph_edges_are_unchanged():
+    """The published synthetic study depends on these names and their order."""
+    import hashlib
+    import json
+    from surrogate.models import Block, RandomGraphConfig, RandomGraphNet
+    names = {}
+    for iterations in (2, 5, 14):
+        for seed in range(3):
+            torch.manual_seed(0)
+            net = RandomGraphNet(RandomGraphConfig(iterations=iterations, seed=seed))
+            graph = build_graph(net, torch.randn(4, 16), vertices=(Block,), edges="all")
+            names[f"{iterations}-{seed}"] = [graph.edge_names, [e.name for e in graph.edges]]
+    digest = hashlib.sha256(json.dumps(names, sort_keys=True).encode()).hexdigest()
+    assert digest == "7f3b7b9724dbab33148b6019d5726205bbebe1100e0d24329a413a965e23a4e8"
