@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .graph import ComputationGraph, _canonical_op
+from .evaluate import measuring
+from .graph import ComputationGraph, _canonical_op, run_nodes
 
 __all__ = ["FlowStructure", "measure_shares"]
 
@@ -225,17 +226,16 @@ def measure_shares(graph: ComputationGraph, inputs: torch.Tensor, batch_size: in
     den = {v: 0.0 for v in by_dst}
     acts: dict[str, torch.Tensor] = {}
 
-    class _Rec(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            if n.name in wanted and isinstance(out, torch.Tensor):
-                acts[n.name] = out.detach().double()
-            return out
+    def record(n: fx.Node, compute: Callable[[], Any]) -> Any:
+        out = compute()
+        if n.name in wanted and isinstance(out, torch.Tensor):
+            acts[n.name] = out.detach().double()
+        return out
 
-    rec = _Rec(graph.module)
     for b0 in range(0, len(inputs), batch_size):
         acts.clear()
-        rec.run(inputs[b0:b0 + batch_size])
+        with measuring(graph.module):
+            run_nodes(graph.module, (inputs[b0:b0 + batch_size],), record)
         for v, idx in by_dst.items():
             if kinds[v] == "heads":
                 terms = head_terms(v, acts[graph.head_splits[v].input])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 import torch
@@ -10,9 +10,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .evaluate import Subset, Task, evaluate_masks
+from .evaluate import Subset, Task, evaluate_masks, measuring
 from .gating import GatedModel, prune
-from .graph import ComputationGraph, HeadSplit, build_graph
+from .graph import ComputationGraph, HeadSplit, build_graph, run_nodes
 from .masks import prior_design, sparsity_masks
 from .methods import METHODS, fit_method
 from .scorers import AdditivePredictor, Context, Measured, Predictor
@@ -89,17 +89,16 @@ class CostModel:
         """MACs of every fx node (nodes without any left out) on the example inputs."""
         node_macs: dict[str, int] = {}
 
-        class _Count(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> Any:
-                with FlopCounterMode(display=False) as fc:
-                    out = super().run_node(n)
-                macs = fc.get_total_flops() // 2
-                if macs:
-                    node_macs[n.name] = macs
-                return out
+        def count(n: fx.Node, compute: Callable[[], Any]) -> Any:
+            with FlopCounterMode(display=False) as fc:
+                out = compute()
+            macs = fc.get_total_flops() // 2
+            if macs:
+                node_macs[n.name] = macs
+            return out
 
-        with torch.no_grad():
-            _Count(self.graph.module).run(*self.graph.example_inputs)
+        with torch.no_grad(), measuring(self.graph.module):
+            run_nodes(self.graph.module, self.graph.example_inputs, count)
         return node_macs
 
     def _head_costs(self, split: HeadSplit, gate: dict[str, int], node_macs: dict[str, int]

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from .evaluate import Subset, Task, evaluate_masks, measuring
 from .gating import GatedModel, prune
-from .graph import ComputationGraph
+from .graph import ComputationGraph, run_nodes
 from .masks import prior_design
 
 __all__ = ["Measured", "Context", "Predictor", "AdditivePredictor", "QuadraticPredictor", "ConnectivityPredictor",
@@ -347,21 +347,20 @@ def edge_activation_l1(ctx: Context) -> np.ndarray:
     sums = {(p, part): 0.0 for p, ps in parts.items() for part in ps}
     weight = 0
 
-    class _Rec(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            if n.name in parts and isinstance(out, torch.Tensor):
-                a = out.detach().abs().double()
-                for part in parts[n.name]:
-                    x = a if part is None else a.unflatten(-1, (part[1], -1))[..., part[0], :]
-                    sums[(n.name, part)] += float(x.mean()) * weight
-            return out
+    def record(n: fx.Node, compute: Callable[[], Any]) -> Any:
+        out = compute()
+        if n.name in parts and isinstance(out, torch.Tensor):
+            a = out.detach().abs().double()
+            for part in parts[n.name]:
+                x = a if part is None else a.unflatten(-1, (part[1], -1))[..., part[0], :]
+                sums[(n.name, part)] += float(x.mean()) * weight
+        return out
 
-    rec = _Rec(graph.module)
     for b0 in range(0, len(ctx.scoring), ctx.batch_size):
         x = ctx.scoring.inputs[b0:b0 + ctx.batch_size]
         weight = len(x)
-        rec.run(x)
+        with measuring(graph.module):
+            run_nodes(graph.module, (x,), record)
     n = len(ctx.scoring)
     return np.array([sum(sums[(p, e.part)] for p in {p for p, _ in e.links}) / n for e in graph.prunable])
 
