@@ -39,14 +39,11 @@ paper-build: tex
 
 test: unit nbval paper-build
 
-# The paper profile: every notebook re-run by papermill with notebooks/params/<name>.yaml, writing the
-# committed figures/ and paper/generated/, then the paper itself (paper/main.pdf).
+# The paper profile: every notebook re-run by papermill with notebooks/params/<name>.yaml into a staging
+# folder, published to the committed figures/ and paper/generated/ only if every notebook succeeded (all or
+# nothing; executed notebooks kept in build/executed), then the paper itself (paper/main.pdf).
 results: setup
-	mkdir -p $(BUILD)/executed
-	for nb in $(NOTEBOOKS); do \
-	  name=$$(basename $$nb .ipynb); \
-	  $(BIN)/papermill --cwd notebooks $$nb $(BUILD)/executed/$$name.ipynb -f notebooks/params/$$name.yaml || exit 1; \
-	done
+	$(BIN)/python scripts/run_notebooks.py
 
 paper: results tex
 	cd paper && latexmk -pdf -interaction=nonstopmode -halt-on-error main.tex

@@ -1,0 +1,92 @@
+"""Run the study notebooks at a parameter profile, all or nothing.
+
+    python scripts/run_notebooks.py [--profile paper] [--only 01_synthetic ...] [--root .]
+
+Every notebook ``notebooks/NN_name.ipynb`` is executed by papermill with ``notebooks/params/NN_name.yaml``
+(the paper profile), writing its figures and tables into a staging folder (``build/staging``) instead of
+``figures/`` and ``paper/generated/``; its cells' output streams to the terminal (progress, which study and
+model, time estimates). Only when every notebook succeeded are the staged files copied over the committed
+ones (each file replaced atomically); a failure names the notebook and cell and leaves every committed
+figure, table and macro exactly as it was. The executed notebooks are kept in ``build/executed``.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+STAGING = Path("build/staging")
+EXECUTED = Path("build/executed")
+TARGETS = {"figures": Path("figures"), "generated": Path("paper/generated")}
+
+
+def notebooks(root: Path, only: list[str] | None) -> list[Path]:
+    found = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        found = [nb for nb in found if nb.stem in only]
+        missing = set(only) - {nb.stem for nb in found}
+        if missing:
+            raise SystemExit(f"no notebook named {sorted(missing)} in {root / 'notebooks'}")
+    return found
+
+
+def run(root: Path, nb: Path, params: Path, staging: Path) -> None:
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+    out = root / EXECUTED / nb.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    overrides = {"fig_dir": str(staging / "figures"), "out_dir": str(staging / "generated")}
+    start = time.time()
+    print(f"\n=== {nb.stem}: running with {params.relative_to(root)} ===", flush=True)
+    try:
+        pm.execute_notebook(str(nb), str(out), parameters=_params(params) | overrides, cwd=str(nb.parent),
+                            log_output=True, progress_bar=False, stdout_file=sys.stdout, stderr_file=sys.stderr)
+    except PapermillExecutionError as exc:
+        raise SystemExit(f"\n{nb.stem} failed in cell {exc.exec_count} ({exc.ename}: {exc.evalue}); the executed "
+                         f"notebook is {out}. Nothing was published: figures/ and paper/generated/ are unchanged.")
+    print(f"=== {nb.stem}: done in {(time.time() - start) / 60:.1f} min ===", flush=True)
+
+
+def _params(path: Path) -> dict:
+    import yaml
+    if not path.is_file():
+        raise SystemExit(f"missing parameter file {path}: every notebook needs its profile in notebooks/params/")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def publish(root: Path, staging: Path) -> int:
+    """Copy every staged file over its committed counterpart, each replaced atomically."""
+    sys.path.insert(0, str(root))
+    from surrogate.paths import atomic_path
+    count = 0
+    for kind, target in TARGETS.items():
+        for src in sorted((staging / kind).glob("*")):
+            if src.is_file():
+                with atomic_path(root / target / src.name) as tmp:
+                    shutil.copyfile(src, tmp)
+                count += 1
+    return count
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default=".", help="the project folder")
+    ap.add_argument("--only", nargs="*", help="notebook names (e.g. 01_synthetic); default: all")
+    args = ap.parse_args(argv)
+    root = Path(args.root).resolve()
+    staging = root / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    todo = notebooks(root, args.only)
+    start = time.time()
+    for i, nb in enumerate(todo):
+        print(f"[{i + 1}/{len(todo)}] {nb.stem} ({(time.time() - start) / 60:.0f} min so far)", flush=True)
+        run(root, nb, root / "notebooks" / "params" / f"{nb.stem}.yaml", staging)
+    n = publish(root, staging)
+    print(f"\nall {len(todo)} notebooks succeeded in {(time.time() - start) / 60:.1f} min; published {n} files "
+          "to figures/ and paper/generated/", flush=True)
+
+
+if __name__ == "__main__":
+    main()

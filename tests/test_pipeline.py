@@ -1,0 +1,63 @@
+"""`make paper`'s notebook runner: all or nothing. A failure in the last cell of the last notebook names it
+and leaves the committed outputs exactly as they were; success publishes every staged file."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _runner():
+    spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "run_notebooks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _notebook(path: Path, name: str, fail: bool) -> None:
+    cells = [new_code_cell('fig_dir = None\nout_dir = None\nvalue = 1', metadata={"tags": ["parameters"]}),
+             new_code_cell("from pathlib import Path\n"
+                           f"Path(out_dir).mkdir(parents=True, exist_ok=True)\n"
+                           f"(Path(out_dir) / '{name}.tex').write_text(f'new {{value}}')\n"
+                           f"Path(fig_dir).mkdir(parents=True, exist_ok=True)\n"
+                           f"(Path(fig_dir) / '{name}.pdf').write_text('figure')")]
+    if fail:
+        cells.append(new_code_cell("raise RuntimeError('forced failure in the last cell')"))
+    nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                             "language": "python"}})
+    nbformat.write(nb, path)
+
+
+def _project(tmp_path: Path, fail_last: bool) -> Path:
+    (tmp_path / "notebooks" / "params").mkdir(parents=True)
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "paper" / "generated").mkdir(parents=True)
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "paper" / "generated" / "01_a.tex").write_text("old")
+    for name, fail in (("01_a", False), ("02_b", fail_last)):
+        _notebook(tmp_path / "notebooks" / f"{name}.ipynb", name, fail)
+        (tmp_path / "notebooks" / "params" / f"{name}.yaml").write_text("value: 7\n")
+    return tmp_path
+
+
+def test_a_failing_notebook_publishes_nothing(tmp_path, capsys):
+    root = _project(tmp_path, fail_last=True)
+    with pytest.raises(SystemExit, match=r"02_b failed in cell .*forced failure"):
+        _runner().main(["--root", str(root)])
+    assert (root / "paper" / "generated" / "01_a.tex").read_text() == "old"
+    assert sorted(p.name for p in (root / "paper" / "generated").iterdir()) == ["01_a.tex"]
+    assert not any((root / "figures").iterdir())
+
+
+def test_success_publishes_every_staged_file(tmp_path):
+    root = _project(tmp_path, fail_last=False)
+    _runner().main(["--root", str(root)])
+    assert (root / "paper" / "generated" / "01_a.tex").read_text() == "new 7"  # the profile's parameters
+    assert (root / "paper" / "generated" / "02_b.tex").read_text() == "new 7"
+    assert sorted(p.name for p in (root / "figures").iterdir()) == ["01_a.pdf", "02_b.pdf"]
+    assert (root / "build" / "executed" / "02_b.ipynb").is_file()
