@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .graph import MERGE_OPS, ComputationGraph, Edge, HeadSplit, _canonical_op
 
@@ -279,11 +280,15 @@ class _ShapeOracle:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _ShapeOracle:
         copied = copy.copy(self)  # the meta module holds no data and is never written: shared
-        copied._cache = {}
+        copied._cache = dict(self._cache)
         return copied
 
+    @staticmethod
+    def _key(inputs: Sequence[torch.Tensor]) -> tuple:
+        return tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x for x in inputs)
+
     def shapes(self, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Size]:
-        key = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x for x in inputs)
+        key = self._key(inputs)
         found = self._cache.get(key)
         if found is None:
             if len(self._cache) >= self._MAX_CACHED:
@@ -308,8 +313,8 @@ class _ShapeOracle:
 
         metas = [torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else x
                  for x in inputs]
-        try:
-            with torch.no_grad():
+        try:  # invisible to dispatch modes around the call (FLOP counters must not count the meta pass)
+            with torch.no_grad(), _disable_current_modes():
                 _Rec(self.module).run(*metas)
         except _Done:
             pass
@@ -321,6 +326,7 @@ class _ShapeOracle:
             found = self._run(inputs)
         except Exception:  # noqa: BLE001 - an op without a meta kernel: keep the traced shapes
             return False
+        self._cache[self._key(inputs)] = found
         return all(tuple(found.get(n, ())) == tuple(s) for n, s in expected.items())
 
 

@@ -66,6 +66,16 @@ def test_pruned_gpt2_runs_at_another_sequence_length(heads):
     _assert_pruned_matches_gated(graph, masks, torch.randint(0, 128, (3, 12)))
 
 
+def test_shape_pass_is_not_counted_as_computation():
+    from surrogate.profile import count_macs
+    net, x = _resnet20()
+    graph = build_graph(net, x)
+    small = prune(graph, graph.mask_from_removed([0, 1]))      # constants shaped at run time
+    x2 = torch.randn(1, 3, 40, 40)
+    first = count_macs(small, x2)                               # the shapes at 40x40 are computed here
+    assert first == count_macs(small, x2) > 0
+
+
 def test_shape_oracle_adds_no_state():
     net, x = _resnet20()
     graph = build_graph(net, x)
