@@ -129,6 +129,8 @@ class ExperimentConfig:
     extra_k: tuple[int, ...] = ()        # sample efficiency: measured masks beyond the prior design
     k_methods: tuple[str, ...] = ()      # ... for these (fitted) methods
     eval_batch: int = 2048
+    eval_strategy: Literal["stack", "prefix"] = "stack"  # evaluate_masks: "prefix" shares common prefixes
+                                                         # of masks (fast for exhaustive families on CNNs)
     context_batch: int = 512             # batch of the methods' own passes (derivatives, shares)
     max_k_breakdown: int = 4             # rank agreement per number removed: 1, 2, ..., "4+"
 
@@ -217,7 +219,8 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
                             heads=go.heads, exclude=go.exclude)
     gated = GatedModel(graph)
     e = graph.num_prunable
-    ev = lambda m, sub: evaluate_masks(gated, m, sub, task, batch_size=config.eval_batch)  # noqa: E731
+    ev = lambda m, sub: evaluate_masks(gated, m, sub, task, batch_size=config.eval_batch,  # noqa: E731
+                                       strategy=config.eval_strategy)
     key = {**key, "edges": e}
     methods = list(config.methods)
 

@@ -248,6 +248,11 @@ def config_hash(*configs: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Bumped whenever the code that produces cached weights changes what it produces (2: seeded initialisation),
+# so stale checkpoints are never loaded for a new version's configuration.
+CACHE_VERSION = 2
+
+
 def cached_model(key: tuple, build: Callable[[], nn.Module], fit: Callable[[nn.Module], Any],
                  cache_dir: str | os.PathLike | None = None, kind: str = "model",
                  init_seed: int | None = None) -> tuple[nn.Module, dict]:
@@ -259,7 +264,7 @@ def cached_model(key: tuple, build: Callable[[], nn.Module], fit: Callable[[nn.M
     is reported, deleted and retrained; a new one is written atomically.
     """
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    digest = config_hash(*key)
+    digest = config_hash(*key, {"cache_version": CACHE_VERSION})
     path = folder / kind / f"{digest}.pt"
     seed = int(digest[:8], 16) if init_seed is None else init_seed
 

@@ -287,3 +287,13 @@ def test_public_api_is_small_and_importable():
     assert len(surrogate.__all__) <= 25
     for name in surrogate.__all__:
         assert hasattr(surrogate, name), name
+
+
+def test_prefix_evaluation_gives_the_same_records(tiny, result):
+    from dataclasses import replace
+    net, scoring, evaluation = tiny
+    prefix = run_experiment(net, scoring, evaluation, Task("classification"), replace(CONFIG, eval_strategy="prefix"),
+                            seed=3, key={"model": "tiny"})
+    pd.testing.assert_frame_equal(pd.DataFrame(result.protocols).drop(columns="seconds"),
+                                  pd.DataFrame(prefix.protocols).drop(columns="seconds"))
+    pd.testing.assert_frame_equal(pd.DataFrame(result.regret), pd.DataFrame(prefix.regret))
