@@ -358,7 +358,8 @@ def _regret(config: ExperimentConfig, graph: ComputationGraph, predictors: Mappi
             if config.connected_picks:
                 rand = rand[graph.connected(rand)]
             pool = unique_rows(np.vstack([np.stack(list(picks.values())), rand]))
-        pool_loss = ev(pool, evaluation).loss
+        pool_eval = ev(pool, evaluation)
+        pool_loss, pool_acc = pool_eval.loss, pool_eval.accuracy
         if not exhaustive and config.search_swaps:  # swap moves around the best mask found so far
             best = pool[int(np.argmin(pool_loss))]
             swaps = np.repeat(best[None], config.search_swaps, 0)
@@ -370,20 +371,29 @@ def _regret(config: ExperimentConfig, graph: ComputationGraph, predictors: Mappi
             swaps = unique_rows(swaps)
             if len(swaps):
                 pool = np.vstack([pool, swaps])
-                pool_loss = np.concatenate([pool_loss, ev(swaps, evaluation).loss])
+                swap_eval = ev(swaps, evaluation)
+                pool_loss = np.concatenate([pool_loss, swap_eval.loss])
+                pool_acc = None if pool_acc is None else np.concatenate([pool_acc, swap_eval.accuracy])
         best_loss = float(pool_loss.min())
-        lookup = {row.astype(np.float32).tobytes(): float(l) for row, l in zip(pool, pool_loss)}
+        accs = pool_acc if pool_acc is not None else np.full(len(pool), np.nan)
+        lookup = {row.astype(np.float32).tobytes(): (float(l), float(a)) for row, l, a in zip(pool, pool_loss, accs)}
+        best_acc = float(np.nanmax(accs)) if pool_acc is not None else float("nan")
         chosen_rows = []
         for name, mask in picks.items():
-            chosen = lookup.get(mask.astype(np.float32).tobytes())
-            chosen = float(ev(mask[None], evaluation).loss[0]) if chosen is None else chosen
+            found = lookup.get(mask.astype(np.float32).tobytes())
+            if found is None:  # a pick outside the pool (exhaustive pools hold every candidate)
+                one = ev(mask[None], evaluation)
+                found = (float(one.loss[0]), float(one.accuracy[0]) if one.accuracy is not None else float("nan"))
+            chosen, chosen_acc = found
             best_loss = min(best_loss, chosen)
+            best_acc = max(best_acc, chosen_acc) if not math.isnan(chosen_acc) else best_acc
             frac = budget if config.budget_unit == "fraction" else b / len(idx)
             chosen_rows.append({**key, "budget_frac": frac, "removed": b, "method": name,
-                                "chosen_loss": chosen, "exhaustive": exhaustive, "pool": len(pool),
-                                "mask": "".join(str(int(v)) for v in mask)})
+                                "chosen_loss": chosen, "chosen_accuracy": chosen_acc, "exhaustive": exhaustive,
+                                "pool": len(pool), "mask": "".join(str(int(v)) for v in mask)})
         for r in chosen_rows:
             r["best_loss"] = best_loss
             r["regret"] = r["chosen_loss"] - best_loss
+            r["best_accuracy"] = best_acc  # the most accurate mask found (the accuracy oracle)
         rows.extend(chosen_rows)
     return rows

@@ -95,6 +95,7 @@ def test_regret_is_nonnegative_and_optimum_is_exhaustive(result):
     reg = pd.DataFrame(result.regret)
     assert len(reg) == 3 * 2
     assert (reg.regret >= -1e-12).all() and reg.exhaustive.all()
+    assert (reg.chosen_accuracy <= reg.best_accuracy + 1e-12).all()
     assert set(reg.removed) == {1, 2}
     # picks only remove allowed (branch) edges
     names = result.example["edge_names"]
