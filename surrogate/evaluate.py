@@ -102,7 +102,7 @@ MAX_PASS_ELEMENTS = 2 ** 27  # default cap on the elements of one stacked pass's
 def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, batch_size: int = 512,
                    masks_per_pass: int | None = None, progress: bool = False, keep_outputs: bool = False,
                    strategy: Literal["stack", "prefix"] = "stack",
-                   max_pass_elements: int = MAX_PASS_ELEMENTS) -> MaskEval:
+                   max_pass_elements: int = MAX_PASS_ELEMENTS, keep_state: str | None = None) -> MaskEval:
     """Evaluate every mask on the whole subset: S(m) = mean per-sample loss. Deterministic: no sampling.
 
     strategy "stack": masks_per_pass masks are stacked into one forward pass (None: as many as keep a pass
@@ -114,6 +114,9 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
     masks of k residual branches).
     keep_outputs: also return the outputs of every mask on every sample ((M, n, ...), as the model returns
     them), what output-space surrogates are built from; mind the memory of large outputs (LM logits).
+    keep_state: an fx node name (see ``GatedModel.forward(taps=...)``): also keep the value that node takes
+    under every mask on every sample, ``extra["state"]`` ((M, n, ...)), measured in the same passes
+    (strategy "stack" only); hidden-state surrogates are built from it.
     progress: a tqdm bar (tqdm.auto: also in notebooks) counting masks done.
     """
     m = check_mask(masks, gated.num_edges)
@@ -121,6 +124,8 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
     if strategy not in ("stack", "prefix"):
         raise ValueError(f"unknown strategy {strategy!r}; use 'stack' (masks stacked per pass) or 'prefix' "
                          "(shared computation of common mask prefixes)")
+    if strategy == "prefix" and keep_state is not None:
+        raise ValueError("keep_state needs strategy='stack'")
     if strategy == "prefix" and masks_per_pass is not None:
         raise ValueError("masks_per_pass applies to strategy='stack'; the prefix strategy runs each distinct mask "
                          "alone (pass masks_per_pass=None)")
@@ -129,6 +134,7 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
     total_acc = torch.zeros(len(m), dtype=torch.float64)
     has_acc = True
     kept: list[list[torch.Tensor]] = [[] for _ in range(len(m))] if keep_outputs else []
+    states: list[list[torch.Tensor]] = [[] for _ in range(len(m))] if keep_state is not None else []
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -165,7 +171,14 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
                     mc = m[c0:c0 + masks_per_pass]
                     for b0 in range(0, n, batch_size):
                         x, y = data.inputs[b0:b0 + batch_size], data.targets[b0:b0 + batch_size]
-                        out = gated(x, mask=mc if len(mc) > 1 else mc[0])
+                        mk = mc if len(mc) > 1 else mc[0]
+                        if keep_state is None:
+                            out = gated(x, mask=mk)
+                        else:
+                            out, tapped = gated(x, mask=mk, taps=(keep_state,))
+                            h = tapped[keep_state] if len(mc) > 1 else tapped[keep_state].unsqueeze(0)
+                            for j in range(len(mc)):
+                                states[c0 + j].append(h[j])
                         out = out if len(mc) > 1 else out.unsqueeze(0)
                         for j in range(len(mc)):
                             add(c0 + j, out[j], y)
@@ -178,7 +191,9 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
     if not np.isfinite(loss).all():
         raise FloatingPointError(f"non-finite loss for {int((~np.isfinite(loss)).sum())} masks on {data.name}")
     outputs = torch.stack([torch.cat(parts) for parts in kept]) if keep_outputs else None
-    return MaskEval(data.name, n, loss, (total_acc / n).numpy() if has_acc else None, outputs)
+    extra = {} if keep_state is None else {"state": torch.stack([torch.cat(p) for p in states]),
+                                           "state_node": keep_state}
+    return MaskEval(data.name, n, loss, (total_acc / n).numpy() if has_acc else None, outputs, extra)
 
 
 def default_masks_per_pass(gated: GatedModel, data: Subset, num_masks: int, batch_size: int,

@@ -37,6 +37,7 @@ from .masks import bernoulli_masks, exhaustive_masks, prior_design, sparsity_mas
 from .methods import METHODS, fit_method, method_names
 from .metrics import evaluate_predictions, spearman
 from .pruning import Budget, select_mask
+from .readout import find_readout
 from .scorers import Context, Measured, Predictor
 
 __all__ = ["MaskFamily", "GraphOptions", "ExperimentConfig", "GraphView", "ExperimentResult", "run_experiment",
@@ -227,9 +228,10 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
     # 1. the fitting design, measured once; outputs kept if a method is built from them
     fit = prior_design(e)
     keep = any(METHODS[m].needs_outputs for m in methods)
+    state = find_readout(gated) if any(METHODS[m].needs_state for m in methods) else None
     say(f"measuring {len(fit)} fitting masks on {len(scoring)} scoring samples")
     measured = Measured.of(fit, evaluate_masks(gated, fit, scoring, task, batch_size=config.eval_batch,
-                                               keep_outputs=keep))
+                                               keep_outputs=keep, keep_state=state))
     nf = len(config.families)
     tests = {f.name: f.draw(graph, mseed + 1 + i, exclude=fit) for i, f in enumerate(config.families)}
     for name, m in tests.items():

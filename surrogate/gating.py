@@ -175,7 +175,32 @@ class GatedModel(nn.Module):
     def num_edges(self) -> int:
         return self.graph.num_prunable
 
-    def forward(self, *inputs: torch.Tensor, mask: Any = None, allow_extrapolation: bool = False) -> Any:
+    def tapped(self, taps: Sequence[str]) -> tuple[fx.GraphModule, Any]:
+        """The gated graph returning ``(output, value of node t for t in taps)`` and, for exported graphs, the
+        tree spec of the output (None for fx); cached per set of taps."""
+        taps = tuple(taps)
+        cache = self.__dict__.setdefault("_tap_modules", {})  # a plain dict: not registered as submodules
+        if taps not in cache:
+            g = copy.deepcopy(self.module.graph)
+            nodes = {n.name: n for n in g.nodes}
+            missing = [t for t in taps if t not in nodes]
+            if missing:
+                raise KeyError(f"no node named {missing} in the traced graph; node names are those of "
+                               "graph.module.graph.nodes (e.g. a vertex's last node in graph.vertex(name).nodes)")
+            out = next(n for n in g.nodes if n.op == "output")
+            spec = None
+            if isinstance(g._codegen, fx.graph._PyTreeCodeGen):  # exported graphs: flat outputs + a tree spec
+                spec = g._codegen.pytree_info.out_spec
+                g._codegen = fx.graph.CodeGen()
+            out.args = ((out.args[0], *(nodes[t] for t in taps)),)
+            gm = fx.GraphModule(self.module, g)
+            cache[taps] = (gm, spec)
+        return cache[taps]
+
+    def forward(self, *inputs: torch.Tensor, mask: Any = None, allow_extrapolation: bool = False,
+                taps: Sequence[str] = ()) -> Any:
+        """The network's output under ``mask``; with ``taps`` (fx node names), ``(output, {name: value})``:
+        the values those nodes take in the same pass (e.g. the residual stream before the network's head)."""
         e = self.num_edges
         traced = tuple((tuple(x.shape), x.dtype) for x in self.graph.example_inputs)
         _check_inputs(inputs, traced, "the gated model")
@@ -192,16 +217,21 @@ class GatedModel(nn.Module):
                 gates = tuple(gates.tolist())
         if m:
             inputs = tuple(x.repeat(m, *([1] * (x.dim() - 1))) for x in inputs)
-        setattr(self.module, _GATES_ATTR, gates)
+        module, spec = self.tapped(taps) if taps else (self.module, None)
+        setattr(module, _GATES_ATTR, gates)
         try:
-            out = self.module(*inputs)
+            out = module(*inputs)
         except Exception as exc:
             raise RuntimeError(_forward_failed(exc, given, traced)) from exc
         finally:
-            setattr(self.module, _GATES_ATTR, None)
+            setattr(module, _GATES_ATTR, None)
+        if spec is not None:
+            out = (pytree.tree_unflatten(list(out[0]), spec), *out[1:])
         if m:
             out = pytree.tree_map(lambda t: t.unflatten(0, (m, -1)) if isinstance(t, torch.Tensor)
                                   and t.dim() > 0 else t, out)
+        if taps:
+            return out[0], dict(zip(taps, out[1:]))
         return out
 
 

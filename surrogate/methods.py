@@ -33,7 +33,8 @@ class Method:
 
     build: Context -> Predictor (a surrogate is constructed and fitted on ``ctx.measured``).
     fitted: fitted on measured masks (needs ``ctx.measured``); needs_outputs: also their outputs
-    (``evaluate_masks(..., keep_outputs=True)``), else it measures them itself.
+    (``evaluate_masks(..., keep_outputs=True)``), needs_state: their readout states
+    (``keep_state=surrogate.readout.find_readout(gated)``); else it measures them itself.
     predicts: its ``predict`` is a loss model whose ranking of masks is meaningful; False for search methods
     (e.g. greedy removal) whose predictor only orders removals for picks under a budget.
     cost: (E, K) -> (forward, backward) passes over the scoring subset, K = number of measured masks it
@@ -47,6 +48,7 @@ class Method:
     ours: bool = False
     fitted: bool = False
     needs_outputs: bool = False
+    needs_state: bool = False
     predicts: bool = True
     description: str = ""
     cost_in: Callable[[Context], tuple[int, int]] | None = None
@@ -135,5 +137,13 @@ for _m in (
            fitted=True),
     Method("superposition", "Superposition (ours)", _surrogate(G.SuperpositionSurrogate), _fitted(1), ours=True,
            fitted=True, needs_outputs=True),
+    Method("superposition_state", "Superposition, readout state (ours)",
+           lambda ctx: G.SuperpositionSurrogate(ctx, readout="auto").fit(ctx.measured), _fitted(1), ours=True,
+           fitted=True, needs_state=True,
+           description="measured changes superposed at the readout state (surrogate.readout), then the true "
+                       "tail of the network; output space where the graph has no readout"),
 ):
     register_method(_m)
+
+# the field's criteria (baselines.md), registered after the methods above
+from . import baselines  # noqa: E402,F401

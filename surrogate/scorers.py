@@ -32,6 +32,8 @@ class Measured:
     losses: np.ndarray                     # (K,) S(m) on the subset
     outputs: torch.Tensor | None = None    # (K, n, ...) the model's outputs under each mask, if kept
     subset: str = "scoring"
+    state: torch.Tensor | None = None      # (K, n, ...) the value of fx node ``state_node`` under each mask
+    state_node: str | None = None
 
     def __post_init__(self) -> None:
         m = np.asarray(self.masks, dtype=np.float32)
@@ -51,7 +53,8 @@ class Measured:
     @classmethod
     def of(cls, masks: Any, result: Any) -> "Measured":
         """From the masks given to ``evaluate_masks`` and what it returned (a ``MaskEval``)."""
-        return cls(np.asarray(masks), result.loss, result.outputs, result.subset)
+        return cls(np.asarray(masks), result.loss, result.outputs, result.subset, result.extra.get("state"),
+                   result.extra.get("state_node"))
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -69,7 +72,7 @@ class Measured:
     def head(self, k: int) -> "Measured":
         """The first k measurements (nested fitting sets, e.g. for sample-efficiency curves)."""
         return Measured(self.masks[:k], self.losses[:k], None if self.outputs is None else self.outputs[:k],
-                        self.subset)
+                        self.subset, None if self.state is None else self.state[:k], self.state_node)
 
 
 @dataclass
@@ -146,6 +149,30 @@ class Context:
             y = y.double()
             self.memo["outputs"] = (y[0], y[1:] - y[0])
         return self.memo["outputs"]
+
+    def single_edge_states(self, node: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``single_edge_outputs``, for the value of fx node ``node`` (a readout state, see
+        ``surrogate.readout``): from the measured states when the measurements kept that node's, else
+        measured here (|E| + 1 passes)."""
+        key = ("states", node)
+        if key not in self.memo:
+            e = self.num_edges
+            wanted = np.vstack([np.ones(e), 1 - np.eye(e)]).astype(np.float32)
+            m = self.measured
+            rows = m.rows(wanted) if m is not None and m.state is not None and m.state_node == node else None
+            if rows is not None:
+                h = m.state[rows]
+            else:
+                h = evaluate_masks(self.gated, wanted, self.scoring, self.task, batch_size=self.batch_size,
+                                   keep_state=node, masks_per_pass=1).extra["state"]
+            self.memo["state_dtype"] = h.dtype
+            h = h.double()
+            self.memo[key] = (h[0], h[1:] - h[0])
+        return self.memo[key]
+
+    @property
+    def measured_state_dtype(self) -> torch.dtype:
+        return self.memo.get("state_dtype", torch.float32)
 
     def _check_output_memory(self, num_masks: int, limit: float = 8 * 2 ** 30) -> None:
         """Refuse to keep outputs that would not fit in memory, with what to do instead."""

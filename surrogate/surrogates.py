@@ -292,13 +292,25 @@ class SuperpositionSurrogate(Surrogate):
     name = "superposition"
 
     def __init__(self, ctx: Context, connected: str = "shapley", disconnected: str = "last_cut",
-                 chunk_elements: int = 2 ** 24):
+                 chunk_elements: int = 2 ** 24, readout: str | None = None):
         self.ctx, self.num_edges = ctx, ctx.num_edges
         self.rules = (connected, disconnected)
         self.chunk_elements = chunk_elements
+        self.readout = readout
 
     def _fit(self, m: np.ndarray, y: np.ndarray) -> "SuperpositionSurrogate":
-        self.y1, self.dy = self.ctx.single_edge_outputs()
+        self.tail = None
+        node = self.readout
+        if node == "auto":
+            from .readout import find_readout
+            node = find_readout(self.ctx.gated)
+        self.node = node
+        if node is None:
+            self.y1, self.dy = self.ctx.single_edge_outputs()
+        else:
+            from .readout import Tail
+            self.y1, self.dy = self.ctx.single_edge_states(node)
+            self.tail = Tail(self.ctx.gated, node)
         self.flow = FlowStructure.from_graph(self.ctx.graph, weights=self.ctx.shares())
         single = self.flow.lost(torch.tensor(1 - np.eye(self.num_edges)))
         # an edge that carries no measured flow keeps its whole measured change
@@ -332,5 +344,18 @@ class SuperpositionSurrogate(Surrogate):
             for j, yj in enumerate(y):
                 if disc[c0 + j]:
                     yj = yj.mean(0, keepdim=True).expand_as(yj)
-                out[c0 + j] = float(self.ctx.task.per_sample(yj, targets)[0].mean())
+                out[c0 + j] = self._loss(yj, targets)
         return out
+
+    def _loss(self, y: torch.Tensor, targets: torch.Tensor) -> float:
+        """Mean loss of superposed outputs, or of the outputs the true tail computes from superposed states."""
+        if self.tail is None:
+            return float(self.ctx.task.per_sample(y, targets)[0].mean())
+        from .evaluate import measuring
+        inputs, bs, total = self.ctx.scoring.inputs, self.ctx.batch_size, 0.0
+        dtype = self.ctx.measured_state_dtype
+        with measuring(self.ctx.gated):
+            for b0 in range(0, len(y), bs):
+                o = self.tail(y[b0:b0 + bs].to(dtype), inputs[b0:b0 + bs])
+                total += float(self.ctx.task.per_sample(o, targets[b0:b0 + bs])[0].double().sum())
+        return total / len(y)

@@ -689,3 +689,66 @@ def test_gate_derivatives_stay_within_a_memory_budget(small):
     assert tiny[0] == pytest.approx(full[0], rel=1e-5)  # float32 model: summation order moves the last bits
     np.testing.assert_allclose(tiny[1], full[1], rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(tiny[2], full[2], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# readout states: superposition where the network is additive, then the true tail
+
+def test_readout_is_the_last_cut_merge_and_its_tail_is_exact():
+    from surrogate.readout import Tail, find_readout
+    torch.manual_seed(0)
+    net = resnet20().eval()
+    x = torch.randn(3, 3, 32, 32)
+    gated = GatedModel(build_graph(net, x))
+    node = find_readout(gated)
+    assert node is not None and node.startswith("add")  # the last residual add, before the final ReLU
+    mask = torch.ones(gated.num_edges)
+    mask[[3, 10]] = 0
+    with torch.no_grad():
+        out, taps = gated(x, mask=mask, taps=(node,))
+        assert torch.equal(out, gated(x, mask=mask))
+        torch.testing.assert_close(Tail(gated, node)(taps[node], x), out)
+    with pytest.raises(ValueError, match="bypass|not a readout"):
+        Tail(gated, "relu")  # the stem's ReLU: the output depends on the input through the shortcuts too
+
+
+def test_state_superposition_reproduces_measurements_and_equals_output_space_for_a_linear_tail():
+    # a merge of linear branches feeding a linear head: superposing the state or the output is the same
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.head = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.a(x) + self.b(x) + self.c(x))
+
+    model = Net().double()
+    x = torch.randn(40, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (40,))
+    graph = build_graph(model, x[:2])
+    gated = GatedModel(graph)
+    fit = prior_design(graph.num_prunable)
+    task = Task("classification")
+    res = evaluate_masks(gated, fit, Subset("s", x, y), task, keep_outputs=True, keep_state="add_1")
+    ctx = Context(graph, gated, Subset("s", x, y), task, Measured.of(fit, res), batch_size=16)
+    state = fit_method("superposition_state", ctx)
+    assert state.node == "add_1" and state.tail is not None
+    np.testing.assert_allclose(state.predict(fit[[0, *range(2, len(fit))]]), res.loss[[0, *range(2, len(fit))]],
+                               rtol=1e-10)
+    out = fit_method("superposition", ctx)
+    masks = all_masks_with_removed(3, 1)
+    for k in (2,):
+        masks = np.vstack([masks, all_masks_with_removed(3, k)])
+    np.testing.assert_allclose(state.predict(masks), out.predict(masks), rtol=1e-10)
+    truth = evaluate_masks(gated, masks, Subset("s", x, y), task).loss
+    np.testing.assert_allclose(state.predict(masks), truth, rtol=1e-10)  # additive: exact
+
+
+def test_state_superposition_measures_states_itself_when_not_kept(small):
+    _, graph, gated, ctx = small
+    fit = prior_design(graph.num_prunable)
+    measured = Measured.of(fit, evaluate_masks(gated, fit, ctx.scoring, ctx.task))
+    sur = fit_method("superposition_state", Context(graph, gated, ctx.scoring, ctx.task, measured, batch_size=32))
+    np.testing.assert_allclose(sur.predict(fit[:1]), measured.losses[:1], rtol=1e-5)
