@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
-from .graph import MERGE_OPS, ComputationGraph, Edge, HeadSplit, _canonical_op
+from .graph import MERGE_OPS, ComputationGraph, Edge, HeadSplit, _canonical_op, run_nodes
 
 __all__ = ["GatedModel", "prune", "check_mask", "EmptyProjection"]
 
@@ -332,20 +332,19 @@ class _ShapeOracle:
         class _Done(Exception):
             pass
 
-        class _Rec(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> Any:
-                out = super().run_node(n)
-                if n.name in wanted:
-                    found[n.name] = out.shape
-                    if len(found) == len(wanted):
-                        raise _Done  # the rest of the graph is not needed
-                return out
+        def record(n: fx.Node, compute: Callable[[], Any]) -> Any:
+            out = compute()
+            if n.name in wanted:
+                found[n.name] = out.shape
+                if len(found) == len(wanted):
+                    raise _Done  # the rest of the graph is not needed
+            return out
 
         metas = [torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else x
                  for x in inputs]
         try:  # invisible to dispatch modes around the call (FLOP counters must not count the meta pass)
             with torch.no_grad(), _disable_current_modes():
-                _Rec(self.module).run(*metas)
+                run_nodes(self.module, metas, record)
         except _Done:
             pass
         return found
