@@ -11,7 +11,7 @@ networks), and sample efficiency refits the ``k_methods`` with extra masks of ea
 from __future__ import annotations
 
 import math
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -107,13 +107,16 @@ def run_study(cfg: StudyConfig, workers: int = 1, cache_dir: str | None = None,
     jobs = [(cfg, size, cfg.first_seed + g, cache_dir) for size in cfg.sizes for g in range(cfg.graphs_per_size)]
     if workers > 1:  # largest graphs first balances the workers; every graph is seeded on its own
         order = sorted(range(len(jobs)), key=lambda i: -jobs[i][1])
+        by_job: dict[int, dict[str, Any]] = {}
         with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            done = _progress(pool.map(_run_one, [jobs[i] for i in order]), len(jobs), progress)
-        results = [r for _, r in sorted(zip(order, done), key=lambda t: t[0])]
+            futures = {pool.submit(_run_one, jobs[i]): i for i in order}
+            for f in _progress(as_completed(futures), len(jobs), progress):  # ticks as each graph ends
+                by_job[futures[f]] = f.result()
+        results = [by_job[i] for i in range(len(jobs))]
     else:
         threads = torch.get_num_threads()
         try:
-            results = _progress(map(_run_one, jobs), len(jobs), progress)
+            results = list(_progress(map(_run_one, jobs), len(jobs), progress))
         finally:
             torch.set_num_threads(threads)
     frames = {k: pd.DataFrame([r for res in results for r in (res[k] if k != "info" else [res[k]])])
@@ -122,8 +125,9 @@ def run_study(cfg: StudyConfig, workers: int = 1, cache_dir: str | None = None,
     return frames
 
 
-def _progress(it, total: int, show: bool) -> list:
+def _progress(it, total: int, show: bool):
+    """``it`` with a progress bar (graphs done, time left) on stderr if ``show``."""
     if not show:
-        return list(it)
+        return it
     from tqdm.auto import tqdm
-    return list(tqdm(it, total=total, desc="graphs"))
+    return tqdm(it, total=total, desc="graphs")
