@@ -1,6 +1,7 @@
 """The CIFAR-10 ResNet setup of the paper: data splits and a trained, cached CIFAR ResNet.
 
-Splits (all seeded): ``train`` -- the training set minus ``n_val`` held-out images; ``val`` -- those images
+Splits (all seeded): ``train`` -- the training set minus ``n_val`` held-out images (or the first ``n_train`` of
+them); ``val`` -- those held-out images
 (early stopping / model choice); ``scoring`` -- ``n_score`` images of ``train`` (all a pruning method may
 see); ``test`` -- the test set (the truth). ``classes`` keeps a subset of the classes, relabelled 0..k-1 in
 the given order (the transfer scenario trains on some classes and transfers to the others).
@@ -35,6 +36,7 @@ class CifarConfig:
     n_score: int = 500
     split_seed: int = 0
     classes: tuple[int, ...] | None = None
+    n_train: int | None = None      # use only this many training images (quick profiles); None: all the rest
 
 
 def cifar_splits(config: CifarConfig, data_dir: str | os.PathLike[str] | None = None) -> dict[str, Subset]:
@@ -50,6 +52,10 @@ def cifar_splits(config: CifarConfig, data_dir: str | os.PathLike[str] | None = 
         raise ValueError(f"n_val={config.n_val} and n_score={config.n_score} do not fit {len(ytr)} training images")
     perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(config.split_seed))
     val_idx, train_idx = perm[:config.n_val], perm[config.n_val:]
+    if config.n_train is not None:
+        if not config.n_score <= config.n_train <= len(train_idx):
+            raise ValueError(f"n_train={config.n_train} must lie in [n_score, {len(train_idx)}]")
+        train_idx = train_idx[:config.n_train]
     score_idx = train_idx[:config.n_score]
     x = normalize_cifar(xtr)
     return {"train": Subset("train", x[train_idx], ytr[train_idx]), "val": Subset("val", x[val_idx], ytr[val_idx]),
