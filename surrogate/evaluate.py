@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from .gating import _GATES_ATTR, GatedModel, _gate, _gate_heads, check_mask
+from .gating import _GATES_ATTR, GatedModel, check_mask, gate_indices
 
 __all__ = ["Task", "Subset", "MaskEval", "evaluate_masks", "default_masks_per_pass", "measuring",
            "MAX_PASS_ELEMENTS"]
@@ -215,15 +215,6 @@ def default_masks_per_pass(gated: GatedModel, data: Subset, num_masks: int, batc
 # ----------------------------------------------------------------------------------------------------
 # prefix-tree evaluation
 
-def _gate_indices(node: fx.Node) -> tuple[int, ...] | None:
-    """The mask entries a gate node reads, or None for any other node."""
-    if node.op != "call_function":
-        return None
-    if node.target is _gate:
-        return (node.args[2],)
-    if node.target is _gate_heads:
-        return tuple(i for i in node.args[2] if i >= 0)
-    return None
 
 
 class _PrefixTree:
@@ -249,7 +240,7 @@ class _PrefixTree:
             order.append(node)
 
         for node in self.graph.nodes:
-            if _gate_indices(node) is not None:
+            if gate_indices(node) is not None:
                 pending[node] = node  # emitted when its first user is; a gate nobody reads never runs
             else:
                 emit(node)
@@ -257,7 +248,7 @@ class _PrefixTree:
         self.program: list[tuple[str, Any]] = []
         seen: set[int] = set()
         for node in order:
-            idx = _gate_indices(node)
+            idx = gate_indices(node)
             new = tuple(i for i in idx if i not in seen) if idx is not None else ()
             if new:
                 seen.update(new)
@@ -314,7 +305,7 @@ class _PrefixTree:
             for name in str(node.target).split("."):
                 value = getattr(value, name)
             return value
-        if _gate_indices(node) is not None:
+        if gate_indices(node) is not None:
             return node.target(env[node.args[0]], gates, *node.args[2:])
         args = fx.node.map_arg(node.args, env.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)

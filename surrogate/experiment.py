@@ -299,7 +299,7 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
                                  "spearman_within_k": within_k_spearman(yhat[sel], y[sel], removed[p][sel])})
 
     # 4. budgeted pruning: true loss of each method's pick against the best achievable
-    regret = _regret(config, graph, predictors, ev, evaluation, mseed, key)
+    regret = _regret(config, graph, removable, predictors, ev, evaluation, mseed, key)
     for r in regret:
         r.update(all_passes[r["method"]])
 
@@ -333,10 +333,10 @@ def _budget_edges(config: ExperimentConfig, budget: float, removable: int) -> in
     return max(1, round(budget * removable)) if config.budget_unit == "fraction" else int(budget)
 
 
-def _regret(config: ExperimentConfig, graph: ComputationGraph, predictors: Mapping[str, Predictor], ev: Any,
+def _regret(config: ExperimentConfig, graph: ComputationGraph, allowed: np.ndarray,
+            predictors: Mapping[str, Predictor], ev: Any,
             evaluation: Subset, seed: int, key: Mapping[str, Any]) -> list[dict[str, Any]]:
     e = graph.num_prunable
-    allowed = _allowed(graph, config.budget_edges)
     idx = np.flatnonzero(allowed)
     rows: list[dict[str, Any]] = []
     for budget in config.budgets:

@@ -84,6 +84,17 @@ def _gate_heads(x: torch.Tensor, gates: torch.Tensor | tuple[float, ...], indice
 torch.fx.wrap("_gate_heads")
 
 
+def gate_indices(node: fx.Node) -> tuple[int, ...] | None:
+    """The mask entries a gate node reads, or None for any other node."""
+    if node.op != "call_function":
+        return None
+    if node.target is _gate:
+        return (node.args[2],)
+    if node.target is _gate_heads:
+        return tuple(i for i in node.args[2] if i >= 0)
+    return None
+
+
 def _neutral_one(edge: Edge) -> bool:
     return edge.merge is not None and MERGE_OPS.get(edge.merge) == "one"
 

@@ -15,15 +15,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from .gating import GatedModel, _gate, _gate_heads
+from .gating import GatedModel, gate_indices
 
 __all__ = ["find_readout", "Tail"]
 
-_GATES = (_gate, _gate_heads)
-
 
 def _is_gate(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target in _GATES
+    return gate_indices(n) is not None
 
 
 def _tensors(gated: GatedModel, nodes: list[fx.Node]) -> set[fx.Node]:
@@ -53,7 +51,7 @@ def find_readout(gated: GatedModel) -> str | None:
     gates = [n for n in nodes if _is_gate(n)]
     if not gates:
         return None
-    after_last_gate = _dependants(nodes, {gates[-1]}) if gates else set(nodes)
+    after_last_gate = _dependants(nodes, {gates[-1]})
     for n in reversed(nodes):
         if n.op in ("output", "placeholder") or n not in data or n not in after_last_gate:
             continue

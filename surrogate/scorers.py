@@ -150,10 +150,10 @@ class Context:
             self.memo["outputs"] = (y[0], y[1:] - y[0])
         return self.memo["outputs"]
 
-    def single_edge_states(self, node: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def single_edge_states(self, node: str) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
         """As ``single_edge_outputs``, for the value of fx node ``node`` (a readout state, see
-        ``surrogate.readout``): from the measured states when the measurements kept that node's, else
-        measured here (|E| + 1 passes)."""
+        ``surrogate.readout``), plus the dtype the model computes it in: from the measured states when the
+        measurements kept that node's, else measured here (|E| + 1 passes)."""
         key = ("states", node)
         if key not in self.memo:
             e = self.num_edges
@@ -165,14 +165,9 @@ class Context:
             else:
                 h = evaluate_masks(self.gated, wanted, self.scoring, self.task, batch_size=self.batch_size,
                                    keep_state=node, masks_per_pass=1).extra["state"]
-            self.memo["state_dtype"] = h.dtype
-            h = h.double()
-            self.memo[key] = (h[0], h[1:] - h[0])
+            dtype, h = h.dtype, h.double()
+            self.memo[key] = (h[0], h[1:] - h[0], dtype)
         return self.memo[key]
-
-    @property
-    def measured_state_dtype(self) -> torch.dtype:
-        return self.memo.get("state_dtype", torch.float32)
 
     def _check_output_memory(self, num_masks: int, limit: float = 8 * 2 ** 30) -> None:
         """Refuse to keep outputs that would not fit in memory, with what to do instead."""

@@ -309,7 +309,7 @@ class SuperpositionSurrogate(Surrogate):
             self.y1, self.dy = self.ctx.single_edge_outputs()
         else:
             from .readout import Tail
-            self.y1, self.dy = self.ctx.single_edge_states(node)
+            self.y1, self.dy, self.state_dtype = self.ctx.single_edge_states(node)
             self.tail = Tail(self.ctx.gated, node)
         self.flow = FlowStructure.from_graph(self.ctx.graph, weights=self.ctx.shares())
         single = self.flow.lost(torch.tensor(1 - np.eye(self.num_edges)))
@@ -353,9 +353,8 @@ class SuperpositionSurrogate(Surrogate):
             return float(self.ctx.task.per_sample(y, targets)[0].mean())
         from .evaluate import measuring
         inputs, bs, total = self.ctx.scoring.inputs, self.ctx.batch_size, 0.0
-        dtype = self.ctx.measured_state_dtype
         with measuring(self.ctx.gated):
             for b0 in range(0, len(y), bs):
-                o = self.tail(y[b0:b0 + bs].to(dtype), inputs[b0:b0 + bs])
+                o = self.tail(y[b0:b0 + bs].to(self.state_dtype), inputs[b0:b0 + bs])
                 total += float(self.ctx.task.per_sample(o, targets[b0:b0 + bs])[0].double().sum())
         return total / len(y)
