@@ -298,8 +298,12 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
                                  "n_masks": int(sel.sum()), "spearman": spearman(yhat[sel], y[sel]),
                                  "spearman_within_k": within_k_spearman(yhat[sel], y[sel], removed[p][sel])})
 
-    # 4. budgeted pruning: true loss of each method's pick against the best achievable
-    regret = _regret(config, graph, removable, predictors, ev, evaluation, mseed, key)
+    # 4. budgeted pruning: true loss of each method's pick against the best achievable (masks whose truth
+    # was measured above are not evaluated again)
+    known = {row.astype(np.float32).tobytes(): (float(l), float(a) if t.accuracy is not None else float("nan"))
+             for p, t in truth.items() for row, l, a in
+             zip(tests[p], t.loss, t.accuracy if t.accuracy is not None else t.loss)}
+    regret = _regret(config, graph, removable, predictors, _reusing(ev, known), evaluation, mseed, key)
     for r in regret:
         r.update(all_passes[r["method"]])
 
@@ -327,6 +331,25 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
                "masks": tests, "truth": {p: t.loss for p, t in truth.items()},
                "truth_accuracy": {p: t.accuracy for p, t in truth.items()}, "predictions": predictions}
     return ExperimentResult(info, protocols, by_k, regret, efficiency, example)
+
+
+def _reusing(ev: Any, known: Mapping[bytes, tuple[float, float]]) -> Any:
+    """``ev`` on the evaluation subset, answering masks whose (loss, accuracy) is already ``known``."""
+    def run(masks: np.ndarray, sub: Subset) -> MaskEval:
+        masks = np.asarray(masks, dtype=np.float32)
+        keys = [row.tobytes() for row in masks]
+        todo = [i for i, k in enumerate(keys) if k not in known]
+        new = ev(masks[todo], sub) if todo else None
+        loss, acc = np.empty(len(masks)), np.empty(len(masks))
+        for i, k in enumerate(keys):
+            if k in known:
+                loss[i], acc[i] = known[k]
+        if new is not None:
+            loss[todo] = new.loss
+            acc[todo] = new.accuracy if new.accuracy is not None else np.nan
+        has_acc = not np.isnan(acc).all()
+        return MaskEval(sub.name, len(sub), loss, acc if has_acc else None)
+    return run
 
 
 def _budget_edges(config: ExperimentConfig, budget: float, removable: int) -> int:
@@ -380,6 +403,10 @@ def _regret(config: ExperimentConfig, graph: ComputationGraph, allowed: np.ndarr
         accs = pool_acc if pool_acc is not None else np.full(len(pool), np.nan)
         lookup = {row.astype(np.float32).tobytes(): (float(l), float(a)) for row, l, a in zip(pool, pool_loss, accs)}
         best_acc = float(np.nanmax(accs)) if pool_acc is not None else float("nan")
+        as_text = lambda m: "".join(str(int(v)) for v in m)  # noqa: E731
+        best_mask = as_text(pool[int(np.argmin(pool_loss))])
+        best_acc_mask = as_text(pool[int(np.nanargmax(accs))]) if pool_acc is not None else ""
+
         chosen_rows = []
         for name, mask in picks.items():
             found = lookup.get(mask.astype(np.float32).tobytes())
@@ -387,8 +414,10 @@ def _regret(config: ExperimentConfig, graph: ComputationGraph, allowed: np.ndarr
                 one = ev(mask[None], evaluation)
                 found = (float(one.loss[0]), float(one.accuracy[0]) if one.accuracy is not None else float("nan"))
             chosen, chosen_acc = found
-            best_loss = min(best_loss, chosen)
-            best_acc = max(best_acc, chosen_acc) if not math.isnan(chosen_acc) else best_acc
+            if chosen < best_loss:
+                best_loss, best_mask = chosen, as_text(mask)
+            if not math.isnan(chosen_acc) and chosen_acc > best_acc:
+                best_acc, best_acc_mask = chosen_acc, as_text(mask)
             frac = budget if config.budget_unit == "fraction" else b / len(idx)
             chosen_rows.append({**key, "budget_frac": frac, "removed": b, "method": name,
                                 "chosen_loss": chosen, "chosen_accuracy": chosen_acc, "exhaustive": exhaustive,
@@ -397,5 +426,6 @@ def _regret(config: ExperimentConfig, graph: ComputationGraph, allowed: np.ndarr
             r["best_loss"] = best_loss
             r["regret"] = r["chosen_loss"] - best_loss
             r["best_accuracy"] = best_acc  # the most accurate mask found (the accuracy oracle)
+            r["best_mask"], r["best_accuracy_mask"] = best_mask, best_acc_mask
         rows.extend(chosen_rows)
     return rows

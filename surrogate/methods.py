@@ -142,6 +142,12 @@ for _m in (
            fitted=True, needs_state=True,
            description="measured changes superposed at the readout state (surrogate.readout), then the true "
                        "tail of the network; output space where the graph has no readout"),
+    Method("superposition_pairs", "Superposition + pairs (ours)",
+           lambda ctx: G.SuperpositionSurrogate(ctx, readout="auto", pairs=True).fit(ctx.measured), _fitted(1),
+           ours=True, fitted=True, needs_state=True,
+           cost_in=lambda ctx: (len(ctx.measured) + 1 + len(G.pair_candidates(ctx)), 0),
+           description="readout-state superposition plus the measured interaction of every pair of removable "
+                       "edges (one extra pass per pair), weighted 2/r in a mask with r edges removed"),
 ):
     register_method(_m)
 

@@ -266,6 +266,15 @@ class GraphFlowSurrogate(Surrogate):
 # ----------------------------------------------------------------------------------------------------
 # this project's output-superposition surrogate
 
+def pair_candidates(ctx: Context) -> np.ndarray:
+    """(P, 2) the edge pairs a pair-corrected surrogate measures: every pair of removable edges
+    (``ctx.removable``, default all edges)."""
+    allowed = np.ones(ctx.num_edges, dtype=bool) if ctx.removable is None else np.asarray(ctx.removable, dtype=bool)
+    idx = np.flatnonzero(allowed)
+    out = [(i, j) for a, i in enumerate(idx) for j in idx[a + 1:]]
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
 class SuperpositionSurrogate(Surrogate):
     """Measured output changes, superposed along the computation graph.
 
@@ -292,11 +301,12 @@ class SuperpositionSurrogate(Surrogate):
     name = "superposition"
 
     def __init__(self, ctx: Context, connected: str = "shapley", disconnected: str = "last_cut",
-                 chunk_elements: int = 2 ** 24, readout: str | None = None):
+                 chunk_elements: int = 2 ** 24, readout: str | None = None, pairs: bool = False):
         self.ctx, self.num_edges = ctx, ctx.num_edges
         self.rules = (connected, disconnected)
         self.chunk_elements = chunk_elements
         self.readout = readout
+        self.pairs = pairs
 
     def _fit(self, m: np.ndarray, y: np.ndarray) -> "SuperpositionSurrogate":
         self.tail = None
@@ -316,7 +326,39 @@ class SuperpositionSurrogate(Surrogate):
         # an edge that carries no measured flow keeps its whole measured change
         self.inv_single = torch.where(single > 1e-12, 1.0 / single.clamp_min(1e-12), torch.zeros_like(single))
         self.no_flow = single <= 1e-12
+        self.pair_index, self.interactions = np.zeros((0, 2), dtype=np.int64), None
+        if self.pairs:
+            self._fit_pairs()
         return self
+
+    def _fit_pairs(self) -> None:
+        """Measure every pair of removable edges removed together (one pass each over the scoring subset)
+        and keep the part of its measured state that the superposition misses: the pair's interaction."""
+        from .evaluate import evaluate_masks
+        idx = pair_candidates(self.ctx)
+        if len(idx) == 0:
+            return
+        masks = np.ones((len(idx), self.num_edges), dtype=np.float32)
+        masks[np.arange(len(idx))[:, None], idx] = 0
+        per_mask = self.y1.numel() * 4  # float32 interactions
+        if per_mask * len(idx) > 8 * 2 ** 30:
+            raise MemoryError(f"pair corrections keep {len(idx)} states of {per_mask / 2 ** 20:.0f} MiB each; use a "
+                              "smaller scoring subset, fewer removable edges (Context.removable) or pairs=False")
+        res = evaluate_masks(self.ctx.gated, masks, self.ctx.scoring, self.ctx.task, batch_size=self.ctx.batch_size,
+                             masks_per_pass=1, keep_state=self.node, keep_outputs=self.node is None)
+        measured = (res.outputs if self.node is None else res.extra["state"]).double()
+        base = self.y1 + torch.tensordot(self.coefficients(masks), self.dy, dims=1)
+        self.pair_index, self.interactions = idx, (measured - base).float()
+
+    def pair_weights(self, masks: np.ndarray) -> torch.Tensor:
+        """(M, P) weight of each measured pair interaction in each mask's prediction: 2 / r for a pair of
+        which both edges are removed (r = number of removed edges), else 0. Exact for the pairs themselves;
+        the interaction term is (r - 1) times the mean interaction of the removed pairs, so it grows linearly
+        in r where the full second-order sum grows quadratically and overshoots (chosen on development networks)."""
+        m = _as_masks(masks, self.num_edges) < 0.5
+        both = m[:, self.pair_index[:, 0]] & m[:, self.pair_index[:, 1]]
+        r = m.sum(1, keepdims=True).clip(min=2)
+        return torch.tensor(both * (2.0 / r), dtype=torch.float64)
 
     def coefficients(self, masks: np.ndarray, disconnected: np.ndarray | None = None) -> torch.Tensor:
         """(M, E) weight of each edge's measured output change in the predicted output of each mask
@@ -341,6 +383,8 @@ class SuperpositionSurrogate(Surrogate):
         step = max(1, self.chunk_elements // max(1, self.y1.numel()))
         for c0 in range(0, len(m), step):
             y = self.y1 + torch.tensordot(coef[c0:c0 + step], self.dy, dims=1)  # (M, n, ...)
+            if self.interactions is not None:
+                y = y + torch.tensordot(self.pair_weights(m[c0:c0 + step]), self.interactions.double(), dims=1)
             for j, yj in enumerate(y):
                 if disc[c0 + j]:
                     yj = yj.mean(0, keepdim=True).expand_as(yj)

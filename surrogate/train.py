@@ -22,7 +22,7 @@ import torch.nn as nn
 from .evaluate import Subset, Task
 from .paths import atomic_path, cache_root
 
-__all__ = ["set_seed", "TrainConfig", "TrainResult", "lr_schedule", "train", "config_hash", "cached_model",
+__all__ = ["set_seed", "TrainConfig", "TrainResult", "lr_schedule", "train", "config_hash", "cached_model", "cached_result",
            "default_cache_dir", "finetune"]
 
 
@@ -289,3 +289,27 @@ def cached_model(key: tuple, build: Callable[[], nn.Module], fit: Callable[[nn.M
         torch.save({"state_dict": model.state_dict(), "meta": _jsonable(meta), "key": _jsonable(list(key))}, tmp)
     model.eval()
     return model, meta
+
+
+def cached_result(key: tuple, compute: Callable[[], Any], cache_dir: str | os.PathLike | None = None,
+                  kind: str = "result") -> Any:
+    """``compute()`` -- or its value from ``<cache>/<kind>/<hash>.pkl`` when computed before with the same
+    ``key`` (every config that determines it, plus the code version ``CACHE_VERSION``). For expensive measured
+    results (a study's records per network, fine-tuned accuracies): a rerun after an interruption or a change
+    in plotting code recomputes nothing. The value must be picklable; an unreadable file is reported and
+    recomputed; a new one is written atomically."""
+    import pickle
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = folder / kind / f"{config_hash(*key, {'cache_version': CACHE_VERSION})}.pkl"
+    if path.exists():
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f)
+        except Exception as exc:  # noqa: BLE001 - any unreadable result is recomputed
+            warnings.warn(f"cached result {path} is unreadable ({type(exc).__name__}: {exc}); computing it again")
+            path.unlink(missing_ok=True)
+    value = compute()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return value

@@ -172,7 +172,8 @@ def test_every_registered_method_fits_on_a_tiny_graph(tiny, name):
 
 
 def test_registry_metadata_and_registration():
-    assert method_names(ours=True) == ["flow", "graph_flow", "superposition", "superposition_state"]
+    assert method_names(ours=True) == ["flow", "graph_flow", "superposition", "superposition_state",
+                                      "superposition_pairs"]
     assert all(METHODS[n].fitted for n in ("linear", "fcn", "prior_graph", "graph_flow", "superposition"))
     assert METHODS["superposition"].needs_outputs and not METHODS["loo"].needs_outputs
     with pytest.raises(KeyError, match="registered already"):

@@ -752,3 +752,33 @@ def test_state_superposition_measures_states_itself_when_not_kept(small):
     measured = Measured.of(fit, evaluate_masks(gated, fit, ctx.scoring, ctx.task))
     sur = fit_method("superposition_state", Context(graph, gated, ctx.scoring, ctx.task, measured, batch_size=32))
     np.testing.assert_allclose(sur.predict(fit[:1]), measured.losses[:1], rtol=1e-5)
+
+
+def test_pair_corrected_superposition_reproduces_singles_and_pairs_and_counts_its_passes():
+    # a ResNet: nonlinear between the blocks, so pairs interact and the plain superposition misses them
+    from surrogate.surrogates import pair_candidates
+    torch.manual_seed(0)
+    net = resnet20().eval()
+    x, y = torch.randn(24, 3, 32, 32), torch.randint(0, 10, (24,))
+    graph = build_graph(net, x[:2])
+    gated = GatedModel(graph)
+    task, data = Task("classification"), Subset("s", x, y)
+    e = graph.num_prunable
+    removable = np.array(["bn2" in n for n in graph.edge_names])  # the residual branches
+    fit = prior_design(e)
+    ctx = Context(graph, gated, data, task, Measured.of(fit, evaluate_masks(gated, fit, data, task)),
+                  batch_size=12, removable=removable)
+    pairs = pair_candidates(ctx)
+    assert len(pairs) == 9 * 8 // 2 and removable[pairs].all()
+    sur, plain = fit_method("superposition_pairs", ctx), fit_method("superposition_state", ctx)
+    pm = np.ones((len(pairs), e), dtype=np.float32)
+    pm[np.arange(len(pairs))[:, None], pairs] = 0
+    truth = evaluate_masks(gated, pm, data, task).loss
+    np.testing.assert_allclose(sur.predict(pm), truth, rtol=1e-4)            # measured pairs: exact
+    assert np.abs(plain.predict(pm) - truth).max() > 1e-3                     # which the plain one is not
+    np.testing.assert_allclose(sur.predict(fit[2:]), plain.predict(fit[2:]))  # singles: unchanged
+    triple = np.ones((1, e), dtype=np.float32)
+    triple[0, np.flatnonzero(removable)[:3]] = 0
+    w = sur.pair_weights(triple)
+    assert w.sum() == pytest.approx(3 * 2 / 3) and set(np.unique(w.numpy())) == {0.0, 2 / 3}
+    assert METHODS["superposition_pairs"].passes_in(ctx) == {"forward": len(fit) + 1 + len(pairs), "backward": 0}

@@ -240,3 +240,26 @@ def test_channels_last_training_returns_a_contiguous_model():
     res = train(net, data, data, Task("classification"), TrainConfig(epochs=2, batch_size=8, channels_last=True))
     assert res.model[0].weight.is_contiguous()
     assert len(res.history) == 2 and np.isfinite(res.history[-1]["train_loss"])
+
+
+def test_cached_result_computes_once_per_key_and_survives_corruption(tmp_path) -> None:
+    import warnings
+    from surrogate.train import cached_result
+    calls = []
+
+    def compute(v):
+        calls.append(v)
+        return {"value": v, "array": np.arange(3) * v}
+
+    a = cached_result(({"x": 1},), lambda: compute(1), cache_dir=tmp_path, kind="t")
+    b = cached_result(({"x": 1},), lambda: compute(99), cache_dir=tmp_path, kind="t")  # served from the cache
+    c = cached_result(({"x": 2},), lambda: compute(2), cache_dir=tmp_path, kind="t")
+    assert calls == [1, 2] and b["value"] == 1 and np.array_equal(b["array"], a["array"]) and c["value"] == 2
+    files = sorted((tmp_path / "t").glob("*.pkl"))
+    assert len(files) == 2 and not list((tmp_path / "t").glob(".*tmp*"))
+    for f in files:
+        f.write_bytes(f.read_bytes()[:5])  # truncated by an interrupted copy
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        d = cached_result(({"x": 1},), lambda: compute(1), cache_dir=tmp_path, kind="t")
+    assert d["value"] == 1 and calls == [1, 2, 1] and any("unreadable" in str(x.message) for x in w)

@@ -1,0 +1,94 @@
+"""Fine-tuning and transfer of pruned networks (the draft's scenarios 2 and 3) on tiny models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from surrogate import Subset, Task, build_graph
+from surrogate.scenarios import FinetuneConfig, finetune_masks
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.a(x)) + torch.relu(self.b(x)))
+
+
+@pytest.fixture()
+def setup():
+    torch.manual_seed(0)
+    x = torch.randn(256, 6)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    model = Branchy().eval()
+    graph = build_graph(model, x[:2])
+    return graph, Subset("train", x[:192], y[:192]), Subset("test", x[192:], y[192:])
+
+
+def test_finetuning_improves_a_pruned_network_and_is_cached(setup, tmp_path):
+    graph, train, test = setup
+    e = graph.num_prunable
+    one_off = np.ones(e, dtype=np.float32)
+    one_off[0] = 0
+    cfg = FinetuneConfig(steps=60, lr=1e-2, batch_size=32)
+    rows = finetune_masks(graph, {"dense": np.ones(e), "pruned": one_off, "same": "".join(map(str, one_off.astype(int)))},
+                          train, test, Task("classification"), cfg, key={"seed": 0}, cache_dir=tmp_path)
+    assert [r["label"] for r in rows] == ["dense", "pruned", "same"] and rows[1]["removed"] == 1
+    assert all(r["loss"] < r["loss_before"] for r in rows)  # an untrained network only gets better
+    assert rows[1]["loss"] == rows[2]["loss"]               # one mask, one result
+    # the original model is untouched, and a second call is served from the cache, identically
+    again = finetune_masks(graph, {"pruned": one_off}, train, test, Task("classification"), cfg, key={"seed": 0},
+                           cache_dir=tmp_path)
+    assert again[0] == rows[1] | {"label": "pruned"}
+    assert len(list((tmp_path / "finetune").glob("*.pkl"))) == 2
+
+
+def test_transfer_replaces_the_head(setup, tmp_path):
+    graph, train, test = setup
+    e = graph.num_prunable
+    new_y = lambda s: Subset(s.name, s.inputs, (s.inputs[:, 2] > 0).long())  # noqa: E731 - another task, 2 classes
+    rows = finetune_masks(graph, {"dense": np.ones(e)}, new_y(train), new_y(test), Task("classification"),
+                          FinetuneConfig(steps=80, lr=1e-2, batch_size=32), head="head", num_outputs=2,
+                          cache_dir=tmp_path)
+    assert rows[0]["accuracy"] > 0.7 and rows[0]["loss"] < rows[0]["loss_before"]
+    with pytest.raises(ValueError, match="nn.Linear"):
+        finetune_masks(graph, {"d": np.ones(e)}, train, test, Task("classification"), head="a.weight", num_outputs=2,
+                       cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="prunable edges"):
+        finetune_masks(graph, {"d": np.ones(e + 1)}, train, test, Task("classification"), cache_dir=tmp_path)
+
+
+def test_method_picks_respect_budget_and_allowed_edges():
+    from surrogate.models import resnet20
+    from surrogate.scenarios import method_picks
+    torch.manual_seed(0)
+    net = resnet20().eval()
+    data = Subset("s", torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    picks = method_picks(net, data, Task("classification"), ["loo", "superposition_pairs"], [1, 3],
+                         allowed=r"bn2 ->", batch_size=8)
+    graph = build_graph(net, data.inputs[:2])
+    branch = np.array(["bn2 ->" in n for n in graph.edge_names])
+    assert set(picks) == {("loo", 1), ("loo", 3), ("superposition_pairs", 1), ("superposition_pairs", 3)}
+    for (m, b), mask in picks.items():
+        assert (mask == 0).sum() == b and (mask[~branch] == 1).all()
+    with pytest.raises(ValueError, match="no prunable edge matches"):
+        method_picks(net, data, Task("classification"), ["loo"], [1], allowed="nothing-like-this")
+
+
+def test_linear_probe_trains_only_the_new_head(setup):
+    from surrogate.scenarios import linear_probe
+    graph, train, _ = setup
+    model = graph.module
+    other = Subset("t", train.inputs, (train.inputs[:, 3] > 0).long())
+    probe = linear_probe(model, other, FinetuneConfig(steps=100, lr=3e-2, batch_size=32), head="head")
+    assert probe.head.out_features == 2 and model.head.out_features == 3  # the original is untouched
+    for (n, p), (_, q) in zip(model.named_parameters(), probe.named_parameters()):
+        if not n.startswith("head"):
+            assert torch.equal(p, q)
+    with torch.no_grad():
+        acc = (probe(other.inputs).argmax(1) == other.targets).float().mean()
+    assert acc > 0.6 and all(p.requires_grad for p in probe.parameters())
