@@ -1,6 +1,6 @@
 """Run the study notebooks at a parameter profile, all or nothing.
 
-    python scripts/run_notebooks.py [--profile paper] [--only 01_synthetic ...] [--root .]
+    python scripts/run_notebooks.py [--only 01_synthetic ...] [--staging build/staging] [--root .]
 
 Every notebook ``notebooks/NN_name.ipynb`` is executed by papermill with ``notebooks/params/NN_name.yaml``
 (the paper profile), writing its figures and tables into a staging folder (``build/staging``) instead of
@@ -74,9 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=".", help="the project folder")
     ap.add_argument("--only", nargs="*", help="notebook names (e.g. 01_synthetic); default: all")
+    ap.add_argument("--staging", default=str(STAGING),
+                    help="staging folder, relative to the root (give two runs of --only in parallel their own)")
     args = ap.parse_args(argv)
     root = Path(args.root).resolve()
-    staging = root / STAGING
+    staging = root / args.staging
     shutil.rmtree(staging, ignore_errors=True)
     todo = notebooks(root, args.only)
     start = time.time()
