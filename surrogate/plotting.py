@@ -7,6 +7,8 @@ the theme's fonts are 8 pt, so text stays readable when a figure is included at 
 """
 from __future__ import annotations
 
+import textwrap
+
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -102,7 +104,8 @@ def scatter_grid(predictions: Mapping[str, np.ndarray], truth: np.ndarray, metho
     fig, axes = plt.subplots(1, len(shown), figsize=(width, height), squeeze=False)
     for ax, m in zip(axes[0], shown):
         ax.scatter(predictions[m], truth, s=4, alpha=0.5, lw=0, color="tab:blue")
-        title = labels(m).split(" (")[0]
+        # long labels are wrapped to the panel's width (about 16 characters per inch at 8 pt)
+        title = textwrap.fill(labels(m).split(" (")[0], max(8, int(16 * width / len(shown))))
         ax.set_title(title + (f"\n$\\rho$ = {float(rho[m]):.2f}" if rho is not None and m in rho else ""))
         ax.set_xlabel("prediction")
         ax.locator_params(nbins=4)
