@@ -10,6 +10,7 @@ fine-tuning config, a fingerprint of the weights and of the data, and the caller
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -32,6 +33,14 @@ class FinetuneConfig:
     batch_size: int = 128
     schedule: str = "cosine"      # "cosine" (to 0 over the steps) or "constant"
     seed: int = 0                 # batch order and augmentation; a new head's initialisation
+    autocast: str | None = None   # "bf16": forward passes under bfloat16 autocast (language models on CPUs)
+
+
+def _config_key(config: FinetuneConfig) -> dict[str, Any]:
+    """The cache key of a fine-tuning config; a field added later is left out while it has its default, so
+    results cached before it existed stay valid."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if not (k == "autocast" and v is None)}
+    return {"__class__": type(config).__name__, **fields}
 
 
 def mask_text(mask: Any) -> str:
@@ -88,13 +97,13 @@ def finetune_masks(graph: ComputationGraph, masks: Mapping[str, Any], train: Sub
             with torch.no_grad():
                 before = _evaluate(model, test, task)
             finetune(model, train, task, config.steps, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
-                     augment=augment, schedule=config.schedule, device=device)
+                     augment=augment, schedule=config.schedule, device=device, autocast=config.autocast)
             with torch.no_grad():
                 after = _evaluate(model, test, task)
             return {"loss_before": before[0], "accuracy_before": before[1], "loss": after[0], "accuracy": after[1]}
 
         res = cached_result(({"mask": text, "head": head, "num_outputs": num_outputs, "weights": weights,
-                              "data": data}, config, dict(key or {})), run, cache_dir, kind="finetune")
+                              "data": data}, _config_key(config), dict(key or {})), run, cache_dir, kind="finetune")
         rows.append({**dict(key or {}), "label": label, "mask": text, "removed": int((m == 0).sum()),
                      "steps": config.steps, **res})
         if log is not None:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+PROGRESS_SECONDS = 300.0  # train(log=...) reports the running training loss this often within an epoch
 
 
 @dataclass(frozen=True)
@@ -147,10 +151,14 @@ def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, co
     keep_best = config.keep == "best"
     best = (float("inf"), -1, copy.deepcopy(model.state_dict()) if keep_best else None)
     history: list[dict[str, float]] = []
+    last_report = time.monotonic()
     for epoch in range(config.epochs):
         model.train()
         total, count = 0.0, 0
-        for b in _batches(len(train_data), config.batch_size, gen):
+        for step, b in enumerate(_batches(len(train_data), config.batch_size, gen)):
+            if log is not None and time.monotonic() - last_report > PROGRESS_SECONDS and count:
+                last_report = time.monotonic()  # long epochs (language models): a line every few minutes
+                log(f"epoch {epoch:3d} step {step}/{steps_per_epoch} train {total / count:.4f}")
             x, y = train_data.inputs[b].to(device), train_data.targets[b].to(device)
             if augment is not None:
                 x = augment(x, gen)
@@ -188,10 +196,12 @@ def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, co
 def finetune(model: nn.Module, train_data: Subset, task: Task, steps: int, lr: float = 1e-3,
              batch_size: int = 128, seed: int = 0, *,
              augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-             schedule: Literal["constant", "cosine"] = "constant", device: str | None = None) -> nn.Module:
+             schedule: Literal["constant", "cosine"] = "constant", device: str | None = None,
+             autocast: Literal["bf16"] | None = None) -> nn.Module:
     """A fixed number of AdamW steps on a (pruned) model: the draft's second scenario. Trains ``model``
     itself (on ``device``, default: where it is); schedule "cosine" takes the lr from lr to 0 over the
-    steps; augment(x, generator) transforms each batch."""
+    steps; augment(x, generator) transforms each batch; autocast "bf16" runs the forward passes in bfloat16
+    (the loss in float32)."""
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown schedule {schedule!r}; use 'constant' or 'cosine'")
     set_seed(seed)
@@ -209,7 +219,9 @@ def finetune(model: nn.Module, train_data: Subset, task: Task, steps: int, lr: f
             x, y = train_data.inputs[b].to(dev), train_data.targets[b].to(dev)
             if augment is not None:
                 x = augment(x, gen)
-            loss = task.per_sample(model(x), y)[0].mean()
+            with _autocast(autocast, dev):
+                out = model(x)
+            loss = task.per_sample(out.float() if autocast is not None else out, y)[0].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -92,3 +92,20 @@ def test_linear_probe_trains_only_the_new_head(setup):
     with torch.no_grad():
         acc = (probe(other.inputs).argmax(1) == other.targets).float().mean()
     assert acc > 0.6 and all(p.requires_grad for p in probe.parameters())
+
+
+def test_bf16_finetuning_runs_and_old_cache_keys_stay_valid(setup, tmp_path):
+    from surrogate.scenarios import _config_key
+    # a config without autocast hashes as it did before the field existed (cached CIFAR results stay valid)
+    assert _config_key(FinetuneConfig()) == {"__class__": "FinetuneConfig", "steps": 300, "lr": 1e-3,
+                                             "batch_size": 128, "schedule": "cosine", "seed": 0}
+    assert _config_key(FinetuneConfig(autocast="bf16"))["autocast"] == "bf16"
+    graph, train, test = setup
+    e = graph.num_prunable
+    fp32, bf16 = (finetune_masks(graph, {"dense": np.ones(e)}, train, test, Task("classification"),
+                                 FinetuneConfig(steps=40, lr=1e-2, batch_size=32, autocast=a), cache_dir=tmp_path)[0]
+                  for a in (None, "bf16"))
+    assert bf16["loss"] < bf16["loss_before"] and bf16["loss"] != fp32["loss"]  # trained, and a separate cache entry
+    with pytest.raises(ValueError, match="autocast"):
+        finetune_masks(graph, {"dense": np.ones(e)}, train, test, Task("classification"),
+                       FinetuneConfig(steps=1, autocast="fp8"), cache_dir=tmp_path)
