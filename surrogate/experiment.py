@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping
 
 import re
 
@@ -33,11 +33,10 @@ import torch.nn as nn
 from .evaluate import MaskEval, Subset, Task, evaluate_masks
 from .gating import GatedModel
 from .graph import ComputationGraph, Edge, Vertex, build_graph
-from .masks import bernoulli_masks, exhaustive_masks, prior_design, sparsity_masks, unique_rows
-from .methods import METHODS, fit_method, method_names
+from .masks import bernoulli_masks, exhaustive_masks, mask_text, prior_design, sparsity_masks, unique_rows
+from .methods import METHODS, fit_method, measure_design, method_names
 from .metrics import evaluate_predictions, spearman
 from .pruning import Budget, select_mask
-from .readout import find_readout
 from .scorers import Context, Measured, Predictor
 
 __all__ = ["MaskFamily", "GraphOptions", "ExperimentConfig", "GraphView", "ExperimentResult", "run_experiment",
@@ -227,11 +226,8 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
 
     # 1. the fitting design, measured once; outputs kept if a method is built from them
     fit = prior_design(e)
-    keep = any(METHODS[m].needs_outputs for m in methods)
-    state = find_readout(gated) if any(METHODS[m].needs_state for m in methods) else None
     say(f"measuring {len(fit)} fitting masks on {len(scoring)} scoring samples")
-    measured = Measured.of(fit, evaluate_masks(gated, fit, scoring, task, batch_size=config.eval_batch,
-                                               keep_outputs=keep, keep_state=state))
+    measured = measure_design(gated, scoring, task, methods, fit, batch_size=config.eval_batch)
     nf = len(config.families)
     tests = {f.name: f.draw(graph, mseed + 1 + i, exclude=fit) for i, f in enumerate(config.families)}
     for name, m in tests.items():
@@ -403,9 +399,8 @@ def _regret(config: ExperimentConfig, graph: ComputationGraph, allowed: np.ndarr
         accs = pool_acc if pool_acc is not None else np.full(len(pool), np.nan)
         lookup = {row.astype(np.float32).tobytes(): (float(l), float(a)) for row, l, a in zip(pool, pool_loss, accs)}
         best_acc = float(np.nanmax(accs)) if pool_acc is not None else float("nan")
-        as_text = lambda m: "".join(str(int(v)) for v in m)  # noqa: E731
-        best_mask = as_text(pool[int(np.argmin(pool_loss))])
-        best_acc_mask = as_text(pool[int(np.nanargmax(accs))]) if pool_acc is not None else ""
+        best_mask = mask_text(pool[int(np.argmin(pool_loss))])
+        best_acc_mask = mask_text(pool[int(np.nanargmax(accs))]) if pool_acc is not None else ""
 
         chosen_rows = []
         for name, mask in picks.items():
@@ -415,9 +410,9 @@ def _regret(config: ExperimentConfig, graph: ComputationGraph, allowed: np.ndarr
                 found = (float(one.loss[0]), float(one.accuracy[0]) if one.accuracy is not None else float("nan"))
             chosen, chosen_acc = found
             if chosen < best_loss:
-                best_loss, best_mask = chosen, as_text(mask)
+                best_loss, best_mask = chosen, mask_text(mask)
             if not math.isnan(chosen_acc) and chosen_acc > best_acc:
-                best_acc, best_acc_mask = chosen_acc, as_text(mask)
+                best_acc, best_acc_mask = chosen_acc, mask_text(mask)
             frac = budget if config.budget_unit == "fraction" else b / len(idx)
             chosen_rows.append({**key, "budget_frac": frac, "removed": b, "method": name,
                                 "chosen_loss": chosen, "chosen_accuracy": chosen_acc, "exhaustive": exhaustive,

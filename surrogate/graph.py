@@ -12,8 +12,6 @@ prunable edge per attention head, named ``"... -> h.0.attn.c_proj[head 1]"``.
 """
 from __future__ import annotations
 
-import copy
-import operator
 import re
 import warnings
 from dataclasses import dataclass, field

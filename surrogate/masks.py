@@ -9,7 +9,7 @@ import numpy as np
 
 from .graph import ComputationGraph
 
-__all__ = ["prior_design", "bernoulli_masks", "sparsity_masks", "exhaustive_masks", "pair_masks",
+__all__ = ["mask_text", "prior_design", "bernoulli_masks", "sparsity_masks", "exhaustive_masks", "pair_masks",
            "all_masks_with_removed", "unique_rows"]
 
 
@@ -121,3 +121,8 @@ def unique_rows(masks: np.ndarray) -> np.ndarray:
     """Rows in first-seen order without duplicates."""
     _, idx = np.unique(masks, axis=0, return_index=True)
     return masks[np.sort(idx)]
+
+
+def mask_text(mask: Sequence[float] | np.ndarray) -> str:
+    """A mask as a string of 0/1, one character per edge (as in the experiment records)."""
+    return "".join(str(int(round(float(v)))) for v in np.asarray(mask).ravel())

@@ -18,11 +18,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import numpy as np
+
 from . import scorers as S
 from . import surrogates as G
-from .scorers import Context, Predictor
+from .evaluate import Subset, Task, evaluate_masks
+from .gating import GatedModel
+from .masks import prior_design
+from .readout import find_readout
+from .scorers import Context, Measured, Predictor
 
-__all__ = ["Method", "METHODS", "register_method", "fit_method", "method_names", "label"]
+__all__ = ["Method", "METHODS", "register_method", "fit_method", "measure_design", "method_names", "label"]
 
 PassCount = Callable[[int, int], tuple[int, int]]
 
@@ -116,6 +122,23 @@ def _surrogate(cls: type) -> Callable[[Context], Predictor]:
 
 def _fitted(extra: int = 0) -> PassCount:
     return lambda e, k: (k + extra, 0)
+
+
+def measure_design(gated: GatedModel, scoring: Subset, task: Task, methods: Iterable[str],
+                   masks: np.ndarray | None = None, *, batch_size: int = 256, progress: bool = False) -> Measured:
+    """Measure the fitting masks (default: the prior design, ``masks.prior_design``) once on ``scoring``,
+    keeping the outputs, or the readout states, when one of ``methods`` is built from them: the ``measured``
+    of the Context that every method is then fitted from. The experiment protocol, ``auto_prune`` and
+    ``scenarios.method_picks`` all start here."""
+    names = list(methods)
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise KeyError(f"unknown method(s) {', '.join(map(repr, unknown))}; registered: {', '.join(METHODS)}")
+    design = prior_design(gated.graph.num_prunable) if masks is None else np.asarray(masks, dtype=np.float32)
+    state = find_readout(gated) if any(METHODS[m].needs_state for m in names) else None
+    result = evaluate_masks(gated, design, scoring, task, batch_size=batch_size, progress=progress,
+                            keep_outputs=any(METHODS[m].needs_outputs for m in names), keep_state=state)
+    return Measured.of(design, result)
 
 
 for _m in (

@@ -10,12 +10,12 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .evaluate import Subset, Task, evaluate_masks, measuring
+from .evaluate import Subset, Task, measuring
 from .gating import GatedModel, prune
 from .graph import ComputationGraph, HeadSplit, build_graph, run_nodes
 from .masks import prior_design, sparsity_masks
-from .methods import METHODS, fit_method
-from .scorers import AdditivePredictor, Context, Measured, Predictor
+from .methods import METHODS, fit_method, measure_design
+from .scorers import AdditivePredictor, Context, Predictor
 
 __all__ = ["Budget", "CostModel", "select_mask", "PruneResult", "auto_prune"]
 
@@ -276,11 +276,9 @@ def auto_prune(model: nn.Module, scoring: Subset, task: Task, budget: Budget, *,
         fit = prior_design(e)
         if extra_masks:
             fit = np.vstack([fit, sparsity_masks(graph, extra_masks, 0.05, 0.25, seed=seed, exclude=fit)])
-        # a method built from the outputs of these passes (superposition) gets them instead of measuring
-        # the single-edge masks a second time
-        result = evaluate_masks(gated, fit, scoring, task, batch_size=batch_size,
-                                keep_outputs=METHODS[method].needs_outputs, progress=progress)
-        measured = Measured.of(fit, result)
+        # a method built from the outputs (or readout states) of these passes gets them instead of
+        # measuring the single-edge masks a second time
+        measured = measure_design(gated, scoring, task, [method], fit, batch_size=batch_size, progress=progress)
     ctx = Context(graph, gated, scoring, task, measured, seed=seed, batch_size=batch_size)
     predictor = fit_method(method, ctx)
     costs = CostModel(graph)

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .evaluate import Subset, Task, evaluate_masks
+from .evaluate import Subset, Task
 from .gating import GatedModel, prune
 from .graph import ComputationGraph, build_graph
+from .masks import mask_text
 from .train import _evaluate, cached_result, finetune, set_seed
 
 __all__ = ["FinetuneConfig", "finetune_masks", "linear_probe", "method_picks", "mask_text"]
@@ -43,9 +44,6 @@ def _config_key(config: FinetuneConfig) -> dict[str, Any]:
     return {"__class__": type(config).__name__, **fields}
 
 
-def mask_text(mask: Any) -> str:
-    """A mask as a string of 0/1 (as in the experiment records)."""
-    return "".join(str(int(round(float(v)))) for v in np.asarray(mask).ravel())
 
 
 def _fingerprint(*tensors: torch.Tensor) -> list[float]:
@@ -121,24 +119,18 @@ def method_picks(model: nn.Module | ComputationGraph, scoring: Subset, task: Tas
     transferred). Picks keep an input->output path. Returns {(method, budget): mask}."""
     import re
 
-    from .masks import prior_design
-    from .methods import METHODS, fit_method
+    from .methods import fit_method, measure_design
     from .pruning import Budget, select_mask
-    from .readout import find_readout
-    from .scorers import Context, Measured
+    from .scorers import Context
     graph = model if isinstance(model, ComputationGraph) else build_graph(model, scoring.inputs[:2])
     gated = GatedModel(graph)
-    e = graph.num_prunable
     removable = np.array([allowed is None or re.search(allowed, n) is not None for n in graph.edge_names])
     if not removable.any():
         raise ValueError(f"no prunable edge matches allowed={allowed!r}; edges are e.g. {graph.edge_names[:3]}")
     if max(budgets, default=0) > removable.sum():
         raise ValueError(f"a budget of {max(budgets)} edges exceeds the {int(removable.sum())} removable ones")
-    fit = prior_design(e)
-    state = find_readout(gated) if any(METHODS[m].needs_state for m in methods) else None
-    res = evaluate_masks(gated, fit, scoring, task, batch_size=batch_size,
-                         keep_outputs=any(METHODS[m].needs_outputs for m in methods), keep_state=state)
-    ctx = Context(graph, gated, scoring, task, Measured.of(fit, res), seed=seed, batch_size=batch_size,
+    measured = measure_design(gated, scoring, task, methods, batch_size=batch_size)
+    ctx = Context(graph, gated, scoring, task, measured, seed=seed, batch_size=batch_size,
                   removable=None if removable.all() else removable, max_removed=max(budgets, default=0))
     picks = {}
     for m in methods:

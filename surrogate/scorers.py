@@ -17,7 +17,6 @@ import torch.fx as fx
 from .evaluate import Subset, Task, evaluate_masks, measuring
 from .gating import GatedModel, prune
 from .graph import ComputationGraph, run_nodes
-from .masks import prior_design
 
 __all__ = ["Measured", "Context", "Predictor", "AdditivePredictor", "QuadraticPredictor", "ConnectivityPredictor",
            "FlowPredictor", "gate_derivatives", "edge_activation_l1", "exclusive_param_l1"]

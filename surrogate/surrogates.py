@@ -15,9 +15,7 @@ them by name, with the scorers.
 """
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -26,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .flow import FlowStructure
-from .graph import ComputationGraph
 from .scorers import Context, Measured, Predictor, _as_masks
 
 __all__ = ["Surrogate", "LinearSurrogate", "MLPSurrogate", "PriorGraphSurrogate",

@@ -265,6 +265,12 @@ def config_hash(*configs: Any) -> str:
 CACHE_VERSION = 2
 
 
+def _cache_path(key: tuple, cache_dir: str | os.PathLike | None, kind: str, suffix: str) -> Path:
+    """``<cache>/<kind>/<hash of key and CACHE_VERSION><suffix>``: where a cached checkpoint or result lives."""
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return folder / kind / f"{config_hash(*key, {'cache_version': CACHE_VERSION})}{suffix}"
+
+
 def cached_model(key: tuple, build: Callable[[], nn.Module], fit: Callable[[nn.Module], Any],
                  cache_dir: str | os.PathLike | None = None, kind: str = "model",
                  init_seed: int | None = None) -> tuple[nn.Module, dict]:
@@ -275,10 +281,8 @@ def cached_model(key: tuple, build: Callable[[], nn.Module], fit: Callable[[nn.M
     before. ``fit`` may return a dict of metadata (saved with the weights). A checkpoint that cannot be read
     is reported, deleted and retrained; a new one is written atomically.
     """
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    digest = config_hash(*key, {"cache_version": CACHE_VERSION})
-    path = folder / kind / f"{digest}.pt"
-    seed = int(digest[:8], 16) if init_seed is None else init_seed
+    path = _cache_path(key, cache_dir, kind, ".pt")
+    seed = int(path.stem[:8], 16) if init_seed is None else init_seed
 
     def seeded_build() -> nn.Module:
         set_seed(seed)
@@ -311,8 +315,7 @@ def cached_result(key: tuple, compute: Callable[[], Any], cache_dir: str | os.Pa
     in plotting code recomputes nothing. The value must be picklable; an unreadable file is reported and
     recomputed; a new one is written atomically."""
     import pickle
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = folder / kind / f"{config_hash(*key, {'cache_version': CACHE_VERSION})}.pkl"
+    path = _cache_path(key, cache_dir, kind, ".pkl")
     if path.exists():
         try:
             with open(path, "rb") as f:

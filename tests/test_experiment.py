@@ -299,3 +299,25 @@ def test_prefix_evaluation_gives_the_same_records(tiny, result):
     pd.testing.assert_frame_equal(pd.DataFrame(result.protocols).drop(columns="seconds"),
                                   pd.DataFrame(prefix.protocols).drop(columns="seconds"))
     pd.testing.assert_frame_equal(pd.DataFrame(result.regret), pd.DataFrame(prefix.regret))
+
+
+def test_measure_design_keeps_what_the_methods_need(tiny):
+    from surrogate.methods import measure_design
+    net, scoring, _ = tiny
+    graph = build_graph(net, scoring.inputs[:2])
+    gated, task = GatedModel(graph), Task("classification")
+    plain = measure_design(gated, scoring, task, ["loo"], batch_size=32)
+    state = measure_design(gated, scoring, task, ["loo", "superposition_pairs"], batch_size=32)
+    outs = measure_design(gated, scoring, task, ["superposition"], batch_size=32)
+    assert np.array_equal(plain.masks, prior_design(graph.num_prunable))
+    assert np.allclose(plain.losses, state.losses) and np.allclose(plain.losses, outs.losses)
+    assert plain.state is None and plain.outputs is None
+    assert state.state is not None and len(state.state) == len(plain.masks) and state.outputs is None
+    assert outs.outputs is not None and outs.state is None
+    # the state-kept design is exactly what the pair-corrected surrogate would otherwise measure itself
+    ctx = lambda m: Context(graph, gated, scoring, task, m, batch_size=32)  # noqa: E731
+    masks = MaskFamily("m", "removed", n=12, removed=(0.1, 0.5)).draw(graph, 1)
+    a, b = fit_method("superposition_pairs", ctx(state)).predict(masks), fit_method("superposition_pairs", ctx(plain)).predict(masks)
+    assert np.allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(KeyError, match="unknown method"):
+        measure_design(gated, scoring, task, ["nonsense"])
