@@ -78,3 +78,15 @@ def test_every_bibliography_entry_is_cited():
     for group in re.findall(r"\\cite[pt]?\*?(?:\[[^]]*\])?\{([^}]+)\}", MAIN.read_text()):
         cited |= {k.strip() for k in group.split(",")}
     assert not sorted(set(keys) - cited), f"never cited: {sorted(set(keys) - cited)}"
+
+
+@pytest.mark.skipif(__import__("shutil").which("latexmk") is None, reason="needs TeX (scripts/ensure_tex.sh)")
+def test_the_paper_compiles_to_the_same_bytes_wherever_it_is_built(tmp_path):
+    import hashlib
+    import subprocess
+    digests = set()
+    for out in ("a", "b"):
+        subprocess.run(["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", f"-outdir={tmp_path / out}",
+                        "main.tex"], cwd=ROOT / "paper", check=True, capture_output=True, timeout=600)
+        digests.add(hashlib.sha256((tmp_path / out / "main.pdf").read_bytes()).hexdigest())
+    assert len(digests) == 1
