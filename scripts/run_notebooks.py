@@ -1,6 +1,6 @@
 """Run the study notebooks at a parameter profile, all or nothing.
 
-    python scripts/run_notebooks.py [--only 01_synthetic ...] [--staging build/staging] [--root .]
+    python scripts/run_notebooks.py [--only 01_synthetic ...] [--jobs 2] [--staging build/staging] [--root .]
 
 Every notebook ``notebooks/NN_name.ipynb`` is executed by papermill with ``notebooks/params/NN_name.yaml``
 (the paper profile), writing its figures and tables into a staging folder (``build/staging``) instead of
@@ -8,10 +8,13 @@ Every notebook ``notebooks/NN_name.ipynb`` is executed by papermill with ``noteb
 model, time estimates). Only when every notebook succeeded are the staged files copied over the committed
 ones (each file replaced atomically); a failure names the notebook and cell and leaves every committed
 figure, table and macro exactly as it was. The executed notebooks are kept in ``build/executed``.
+With ``--jobs N`` up to N notebooks run at once, each kernel pinned to one thread (their output interleaves;
+each line of a notebook's own log is in its executed copy).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=".", help="the project folder")
     ap.add_argument("--only", nargs="*", help="notebook names (e.g. 01_synthetic); default: all")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="notebooks run at once (each kernel pinned to one thread when more than one)")
     ap.add_argument("--staging", default=str(STAGING),
                     help="staging folder, relative to the root (give two runs of --only in parallel their own)")
     args = ap.parse_args(argv)
@@ -81,10 +86,32 @@ def main(argv: list[str] | None = None) -> None:
     staging = root / args.staging
     shutil.rmtree(staging, ignore_errors=True)
     todo = notebooks(root, args.only)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
     start = time.time()
-    for i, nb in enumerate(todo):
-        print(f"[{i + 1}/{len(todo)}] {nb.stem} ({(time.time() - start) / 60:.0f} min so far)", flush=True)
-        run(root, nb, root / "notebooks" / "params" / f"{nb.stem}.yaml", staging)
+    if args.jobs == 1 or len(todo) == 1:
+        for i, nb in enumerate(todo):
+            print(f"[{i + 1}/{len(todo)}] {nb.stem} ({(time.time() - start) / 60:.0f} min so far)", flush=True)
+            run(root, nb, root / "notebooks" / "params" / f"{nb.stem}.yaml", staging)
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+        saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # inherited by every kernel
+        try:
+            with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+                futures = [pool.submit(run, root, nb, root / "notebooks" / "params" / f"{nb.stem}.yaml", staging)
+                           for nb in todo]
+                failed = []
+                for fut in futures:
+                    try:
+                        fut.result()
+                    except SystemExit as exc:  # the notebook's own message: which cell failed
+                        failed.append(str(exc))
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        if failed:
+            raise SystemExit("\n".join(failed))
     n = publish(root, staging)
     print(f"\nall {len(todo)} notebooks succeeded in {(time.time() - start) / 60:.1f} min; published {n} files "
           "to figures/ and paper/generated/", flush=True)

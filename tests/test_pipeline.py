@@ -3,6 +3,7 @@ and leaves the committed outputs exactly as they were; success publishes every s
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import nbformat
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _runner():
     spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "run_notebooks.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["run_notebooks"] = mod  # importable by name: --jobs pickles its functions to worker processes
     spec.loader.exec_module(mod)
     return mod
 
@@ -45,18 +47,20 @@ def _project(tmp_path: Path, fail_last: bool) -> Path:
     return tmp_path
 
 
-def test_a_failing_notebook_publishes_nothing(tmp_path, capsys):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_failing_notebook_publishes_nothing(tmp_path, capsys, jobs):
     root = _project(tmp_path, fail_last=True)
     with pytest.raises(SystemExit, match=r"02_b failed in cell .*forced failure"):
-        _runner().main(["--root", str(root)])
+        _runner().main(["--root", str(root), "--jobs", jobs])
     assert (root / "paper" / "generated" / "01_a.tex").read_text() == "old"
     assert sorted(p.name for p in (root / "paper" / "generated").iterdir()) == ["01_a.tex"]
     assert not any((root / "figures").iterdir())
 
 
-def test_success_publishes_every_staged_file(tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_success_publishes_every_staged_file(tmp_path, jobs):
     root = _project(tmp_path, fail_last=False)
-    _runner().main(["--root", str(root)])
+    _runner().main(["--root", str(root), "--jobs", jobs])
     assert (root / "paper" / "generated" / "01_a.tex").read_text() == "new 7"  # the profile's parameters
     assert (root / "paper" / "generated" / "02_b.tex").read_text() == "new 7"
     assert sorted(p.name for p in (root / "figures").iterdir()) == ["01_a.pdf", "02_b.pdf"]
