@@ -41,7 +41,9 @@ def _dependants(nodes: list[fx.Node], roots: set[fx.Node]) -> set[fx.Node]:
 
 def find_readout(gated: GatedModel) -> str | None:
     """The last node that takes a gated edge as input and through which every input->output path passes,
-    with no gate after it (None if there is none, e.g. when the output itself is the last merge)."""
+    with no gate after it. Where no gated edge enters such a node (e.g. only attention heads are gated, and
+    the residual stream bypasses them): the first node after the last gate through which every path passes
+    (the residual add after the last gated heads). None if there is none (the output is the last merge)."""
     g = gated.module.graph
     nodes = list(g.nodes)
     placeholders = {n for n in nodes if n.op == "placeholder"}
@@ -52,19 +54,23 @@ def find_readout(gated: GatedModel) -> str | None:
     if not gates:
         return None
     after_last_gate = _dependants(nodes, {gates[-1]})
-    for n in reversed(nodes):
-        if n.op in ("output", "placeholder") or n not in data or n not in after_last_gate:
-            continue
-        if not any(_is_gate(p) for p in n.all_input_nodes):
-            continue
-        if any(_is_gate(d) for d in _dependants(nodes, {n}) - {n}):
-            continue
-        # a cut: without n, no tensor computed from the inputs reaches the output
+
+    def candidate(n: fx.Node) -> bool:  # computed from the inputs after the last gate, and no gate after it
+        return (n.op not in ("output", "placeholder") and n in data and n in after_last_gate and not _is_gate(n)
+                and not any(_is_gate(d) for d in _dependants(nodes, {n}) - {n}))
+
+    def cut(n: fx.Node) -> bool:  # without n, no tensor computed from the inputs reaches the output
         reach = set(placeholders)
         for m in nodes:
             if m is not n and (m in tensors or m is output) and any(p in reach for p in m.all_input_nodes):
                 reach.add(m)
-        if output not in reach:
+        return output not in reach
+
+    for n in reversed(nodes):
+        if candidate(n) and any(_is_gate(p) for p in n.all_input_nodes) and cut(n):
+            return n.name
+    for n in nodes:  # no gated edge enters a cut: the first cut after the last gate
+        if candidate(n) and cut(n):
             return n.name
     return None
 

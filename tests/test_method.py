@@ -782,3 +782,31 @@ def test_pair_corrected_superposition_reproduces_singles_and_pairs_and_counts_it
     w = sur.pair_weights(triple)
     assert w.sum() == pytest.approx(3 * 2 / 3) and set(np.unique(w.numpy())) == {0.0, 2 / 3}
     assert METHODS["superposition_pairs"].passes_in(ctx) == {"forward": len(fit) + 1 + len(pairs), "backward": 0}
+
+
+def test_heads_only_gpt2_has_a_readout_after_the_last_heads_and_its_tail_is_exact():
+    # only the attention heads gated: no gated edge enters a cut (the residual stream bypasses the heads), so
+    # the readout is the first cut after the last gated head; before, there was none and the state surrogate
+    # fell back to the logits
+    from surrogate.lm import HEAD_PROJECTIONS
+    from surrogate.models import CausalLMLogits, gpt2_small_random
+    from surrogate.readout import Tail, find_readout
+    lm = CausalLMLogits(gpt2_small_random(n_layer=2, n_head=2, n_embd=16, vocab_size=64, n_positions=32, seed=3)).eval()
+    x = torch.randint(0, 64, (6, 8), generator=torch.Generator().manual_seed(0))
+    graph = build_graph(lm, x[:2], heads={HEAD_PROJECTIONS: 2}, exclude=r"^(?!.*\[head \d+\]$)")
+    assert graph.num_prunable == 4
+    gated = GatedModel(graph)
+    node = find_readout(gated)
+    assert node is not None
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    with torch.no_grad():
+        out, taps = gated(x, mask=mask, taps=(node,))
+        assert taps[node].shape == (6, 8, 16)  # the residual stream, not the logits
+        torch.testing.assert_close(Tail(gated, node)(taps[node], x), out)
+    data = Subset("s", x[:, :-1], x[:, 1:])
+    fit = prior_design(graph.num_prunable)
+    res = evaluate_masks(gated, fit, data, Task("lm"), keep_state=node)
+    ctx = Context(graph, gated, data, Task("lm"), Measured.of(fit, res), batch_size=8)
+    sur = fit_method("superposition_pairs", ctx)
+    assert sur.node == node
+    np.testing.assert_allclose(sur.predict(fit), res.loss, rtol=1e-4)  # measured masks are reproduced
