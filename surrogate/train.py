@@ -112,11 +112,21 @@ def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[torch
     return list(idx.split(batch_size))
 
 
+# _evaluate's batches hold at most this many output elements (2 GiB of float32: 83 blocks of 128 tokens of
+# GPT-2 logits, 1024 images of 10 classes), so that validating a language model cannot exhaust the memory
+MAX_EVAL_OUTPUT_ELEMENTS = 2**29
+
+
 @torch.no_grad()
 def _evaluate(model: nn.Module, data: Subset, task: Task, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean loss and accuracy on ``data``, in batches of at most ``batch_size`` samples and
+    MAX_EVAL_OUTPUT_ELEMENTS output elements."""
     model.eval()
     device = _device_of(model)
     loss_sum, acc_sum = 0.0, 0.0
+    if len(data) > 1 and batch_size > 1:
+        per_sample = model(data.inputs[:1].to(device)).numel()
+        batch_size = max(1, min(batch_size, MAX_EVAL_OUTPUT_ELEMENTS // max(1, per_sample)))
     for b in _batches(len(data), batch_size, None):
         out = model(data.inputs[b].to(device))
         loss, acc = task.per_sample(out, data.targets[b].to(device))

@@ -276,3 +276,18 @@ def test_long_epochs_report_progress_without_changing_training(data, monkeypatch
     steps = [ln for ln in lines if " step " in ln]
     assert len(steps) == 2 * (4 - 1) and steps[0].startswith("epoch   0 step 1/4 train")
     assert quiet.history == loud.history
+
+
+def test_evaluation_batches_are_capped_by_output_size(data, monkeypatch: pytest.MonkeyPatch) -> None:
+    import surrogate.train as train_module
+    _, val_data = data
+    net = _net().eval()
+    sizes: list[int] = []
+    net.register_forward_hook(lambda mod, inp, out: sizes.append(len(out)))
+    whole = _evaluate(net, val_data, TASK)
+    assert sizes[-1] == len(val_data)  # small outputs: one batch (after a one-sample probe)
+    monkeypatch.setattr(train_module, "MAX_EVAL_OUTPUT_ELEMENTS", 4 * 7)  # 4 outputs per sample: 7 per batch
+    sizes.clear()
+    capped = _evaluate(net, val_data, TASK)
+    assert max(sizes[1:]) == 7 and sum(sizes[1:]) == len(val_data)
+    assert capped[0] == pytest.approx(whole[0], rel=1e-6) and capped[1] == pytest.approx(whole[1])
