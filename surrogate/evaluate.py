@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -142,21 +143,22 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
     def add(j: int, out: torch.Tensor, y: torch.Tensor) -> None:  # one mask's outputs on one batch
         nonlocal has_acc
         if keep_outputs:
-            kept[j].append(out)
+            kept[j].append(out.cpu())  # kept outputs and states live on the CPU (no-op there)
         loss, acc = task.per_sample(out, y)
-        total_loss[j] += loss.double().sum()
+        total_loss[j] += loss.double().sum().cpu()
         if acc is None:
             has_acc = False
         else:
-            total_acc[j] += acc.double().sum()
+            total_acc[j] += acc.double().sum().cpu()
 
+    device = next(itertools.chain(gated.parameters(), gated.buffers()), torch.zeros(0)).device  # batches follow the model
     try:
         with measuring(gated):
             if strategy == "prefix":
                 tree, rows, done = _PrefixTree(gated), [tuple(r) for r in m.tolist()], 0
                 n_batches = (n + batch_size - 1) // batch_size
                 for b0 in range(0, n, batch_size):
-                    x, y = data.inputs[b0:b0 + batch_size], data.targets[b0:b0 + batch_size]
+                    x, y = data.inputs[b0:b0 + batch_size].to(device), data.targets[b0:b0 + batch_size].to(device)
                     for group, out in tree.run((x,), rows):
                         for j in group:  # masks of one leaf are equal: the same outputs
                             add(j, out, y)
@@ -169,7 +171,7 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
                 for c0 in range(0, len(m), masks_per_pass):
                     mc = m[c0:c0 + masks_per_pass]
                     for b0 in range(0, n, batch_size):
-                        x, y = data.inputs[b0:b0 + batch_size], data.targets[b0:b0 + batch_size]
+                        x, y = data.inputs[b0:b0 + batch_size].to(device), data.targets[b0:b0 + batch_size].to(device)
                         mk = mc if len(mc) > 1 else mc[0]
                         if keep_state is None:
                             out = gated(x, mask=mk)
@@ -177,7 +179,7 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
                             out, tapped = gated(x, mask=mk, taps=(keep_state,))
                             h = tapped[keep_state] if len(mc) > 1 else tapped[keep_state].unsqueeze(0)
                             for j in range(len(mc)):
-                                states[c0 + j].append(h[j])
+                                states[c0 + j].append(h[j].cpu())
                         out = out if len(mc) > 1 else out.unsqueeze(0)
                         for j in range(len(mc)):
                             add(c0 + j, out[j], y)

@@ -394,8 +394,9 @@ class SuperpositionSurrogate(Surrogate):
             return float(self.ctx.task.per_sample(y, targets)[0].mean())
         from .evaluate import measuring
         inputs, bs, total = self.ctx.scoring.inputs, self.ctx.batch_size, 0.0
+        dev = next(self.ctx.gated.parameters(), torch.zeros(0)).device  # states are kept on the CPU
         with measuring(self.ctx.gated):
             for b0 in range(0, len(y), bs):
-                o = self.tail(y[b0:b0 + bs].to(self.state_dtype), inputs[b0:b0 + bs])
-                total += float(self.ctx.task.per_sample(o, targets[b0:b0 + bs])[0].double().sum())
+                o = self.tail(y[b0:b0 + bs].to(dev, self.state_dtype), inputs[b0:b0 + bs].to(dev))
+                total += float(self.ctx.task.per_sample(o, targets[b0:b0 + bs].to(dev))[0].double().sum())
         return total / len(y)
