@@ -22,7 +22,7 @@ from .data import TeacherTaskConfig, make_teacher_task
 from .evaluate import Subset, Task
 from .experiment import ExperimentConfig, GraphOptions, MaskFamily, run_experiment
 from .models import Block, RandomGraphConfig, RandomGraphNet
-from .train import TrainConfig, cached_model, train
+from .train import TrainConfig, cached_model, cached_result, train
 
 __all__ = ["StudyConfig", "run_graph", "run_study", "PROTOCOLS", "study_network"]
 
@@ -97,7 +97,10 @@ def run_graph(cfg: StudyConfig, size: int, seed: int, cache_dir: str | None = No
 def _run_one(args: tuple) -> dict[str, Any]:
     torch.set_num_threads(1)  # one thread per worker process: the workers share the machine's cores
     cfg, size, seed, cache_dir = args
-    return run_graph(cfg, size, seed, cache_dir)
+    # the records of each graph are cached too: a rerun after an interruption or a change in the figures
+    # recomputes nothing (the key: every config of the study, the graph, and the cache's code version)
+    return cached_result((cfg, {"size": size, "seed": seed}), lambda: run_graph(cfg, size, seed, cache_dir),
+                         cache_dir, kind="random_graph_records")
 
 
 def run_study(cfg: StudyConfig, workers: int = 1, cache_dir: str | None = None,
