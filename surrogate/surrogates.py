@@ -324,6 +324,7 @@ class SuperpositionSurrogate(Surrogate):
         self.inv_single = torch.where(single > 1e-12, 1.0 / single.clamp_min(1e-12), torch.zeros_like(single))
         self.no_flow = single <= 1e-12
         self.pair_index, self.interactions = np.zeros((0, 2), dtype=np.int64), None
+        self._memo: dict[bytes, float] = {}  # mask -> predicted loss: searches and families ask again
         if self.pairs:
             self._fit_pairs()
         return self
@@ -372,7 +373,24 @@ class SuperpositionSurrogate(Surrogate):
 
     @torch.no_grad()
     def predict(self, masks: np.ndarray) -> np.ndarray:
+        """Predicted loss of each mask. A mask predicted before is answered from memory (each prediction runs
+        the loss, or the true tail, on every scoring sample; mask searches ask for the same masks repeatedly)."""
         m = _as_masks(masks, self.num_edges)
+        keys = [row.astype(np.float32).tobytes() for row in m]
+        out = np.array([self._memo.get(k, np.nan) for k in keys], dtype=np.float64)
+        todo = np.flatnonzero(np.isnan(out))
+        if len(todo):
+            first = {}
+            for i in todo:  # each new mask once, even if asked several times in this call
+                first.setdefault(keys[i], i)
+            rows = np.array(list(first.values()))
+            new = self._predict(m[rows])
+            for i, v in zip(rows, new):
+                self._memo[keys[i]] = float(v)
+            out[todo] = [self._memo[keys[i]] for i in todo]
+        return out
+
+    def _predict(self, m: np.ndarray) -> np.ndarray:
         disc = ~self.ctx.graph.connected(m > 0.5)
         coef = self.coefficients(m, disc)
         targets = self.ctx.scoring.targets

@@ -479,6 +479,27 @@ def test_superposition_reproduces_its_measurements(small):
         torch.testing.assert_close(a, b)
 
 
+def test_superposition_answers_repeated_masks_from_memory(small):
+    # a mask asked again (in one call or a later one) is not recomputed, and gets the same prediction
+    _, graph, gated, ctx = small
+    e = graph.num_prunable
+    fit = prior_design(e)
+    measured = Measured.of(fit, evaluate_masks(gated, fit, ctx.scoring, ctx.task, keep_outputs=True))
+    sur = fit_method("superposition", Context(graph, gated, ctx.scoring, ctx.task, measured, memo={}))
+    masks = bernoulli_masks(e, 6, keep_prob=0.7, seed=1)
+    calls = []
+    inner = sur._predict
+    sur._predict = lambda m: (calls.append(len(m)), inner(m))[1]
+    first = sur.predict(np.vstack([masks, masks[:2]]))
+    assert calls == [len(np.unique(masks, axis=0))]
+    np.testing.assert_array_equal(first[:6][:2], first[6:])
+    again = sur.predict(masks[::-1])
+    assert calls == [len(np.unique(masks, axis=0))]
+    np.testing.assert_array_equal(again, first[:6][::-1])
+    fresh = fit_method("superposition", Context(graph, gated, ctx.scoring, ctx.task, measured, memo={}))
+    np.testing.assert_allclose(fresh.predict(masks), first[:6], rtol=1e-12)
+
+
 def test_superposition_prediction_of_disconnected_masks_is_a_constant_output(small):
     _, graph, gated, ctx = small
     e = graph.num_prunable
