@@ -241,9 +241,15 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
               Subset(f"{evaluation.name}[half:]", evaluation.inputs[half:], evaluation.targets[half:]))
     truth: dict[str, MaskEval] = {}
     ceiling: dict[str, float] = {}
+    union = unique_rows(np.vstack(list(tests.values())).astype(np.float32))  # a mask in two families: measured once
+    say(f"truth of {len(union)} test masks ({', '.join(f'{len(m)} {p}' for p, m in tests.items())}) on "
+        f"{len(evaluation)} evaluation samples")
+    row_of = {row.tobytes(): i for i, row in enumerate(union)}
+    both = ev(union, halves[0]), ev(union, halves[1])
     for p, m in tests.items():
-        say(f"truth of {len(m)} {p} masks on {len(evaluation)} evaluation samples")
-        a, b = ev(m, halves[0]), ev(m, halves[1])
+        rows = np.array([row_of[r.tobytes()] for r in m.astype(np.float32)])
+        a, b = (MaskEval(h.subset, h.n_samples, h.loss[rows], None if h.accuracy is None else h.accuracy[rows])
+                for h in both)
         loss = (a.loss * len(halves[0]) + b.loss * len(halves[1])) / len(evaluation)
         acc = None if a.accuracy is None else (a.accuracy * len(halves[0]) + b.accuracy * len(halves[1])) / len(evaluation)
         truth[p] = MaskEval(evaluation.name, len(evaluation), loss, acc)

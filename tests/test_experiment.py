@@ -321,3 +321,27 @@ def test_measure_design_keeps_what_the_methods_need(tiny):
     assert np.allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(KeyError, match="unknown method"):
         measure_design(gated, scoring, task, ["nonsense"])
+
+
+def test_a_mask_in_two_families_is_measured_once_and_gets_one_truth(tiny, monkeypatch):
+    # the second family repeats the first family's masks that remove two branches: the truth phase measures the
+    # union once, and both families report the same loss for a shared mask
+    from dataclasses import replace
+    import surrogate.experiment as experiment
+    net, scoring, evaluation = tiny
+    branches = r"blocks\.\d+\.4 ->"
+    config = replace(CONFIG, methods=("loo",), budgets=(), families=(
+        MaskFamily("branches", "exhaustive", edges=branches),
+        MaskFamily("two", "removed", n=3, counts=(2,), edges=branches)))
+    sizes = []
+    real = experiment.evaluate_masks
+    monkeypatch.setattr(experiment, "evaluate_masks", lambda g, m, sub, *a, **k: (
+        sizes.append((sub.name, len(m))), real(g, m, sub, *a, **k))[1])
+    res = run_experiment(net, scoring, evaluation, Task("classification"), config, seed=3)
+    truth = {p: dict(zip(map(bytes, (m > 0.5).astype(np.uint8)), res.example["truth"][p]))
+             for p, m in res.example["masks"].items()}
+    shared = set(truth["two"]) & set(truth["branches"])
+    assert len(shared) == len(truth["two"]) == 3
+    assert all(truth["two"][k] == truth["branches"][k] for k in shared)
+    halves = [n for s, n in sizes if s.endswith("[:half]")]
+    assert halves == [len(truth["branches"])]
