@@ -38,14 +38,7 @@ def _macros_defined() -> set[str]:
     return names
 
 
-PENDING_03 = pytest.mark.xfail(strict=True, reason="the paper profile of notebook 03 has not run yet; remove this "
-                                                 "mark once its figures and paper/generated/03_* are committed")
-
-
-@pytest.mark.parametrize("prefix", [
-    "Syn", "Cif",
-    pytest.param("Lm", marks=PENDING_03),
-])
+@pytest.mark.parametrize("prefix", ["Syn", "Cif", "Lm"])
 def test_every_macro_the_text_uses_is_generated(prefix):
     used = {m for m in re.findall(r"\\val\{([A-Za-z]+)\}", _body()) if m.startswith(prefix)}
     assert used, f"the paper uses no {prefix} macro"
@@ -53,7 +46,7 @@ def test_every_macro_the_text_uses_is_generated(prefix):
     assert not missing, f"\\val of macros no notebook generates: {missing}"
 
 
-@pytest.mark.parametrize("notebook", ["01", "02", pytest.param("03", marks=PENDING_03)])
+@pytest.mark.parametrize("notebook", ["01", "02", "03"])
 def test_every_figure_and_table_of_a_notebook_exists(notebook):
     text = MAIN.read_text()
     figs = [f for f in re.findall(r"\\genfig\{([^}]+)\}", text) if f.startswith(notebook)]
