@@ -377,18 +377,14 @@ class SuperpositionSurrogate(Surrogate):
         the loss, or the true tail, on every scoring sample; mask searches ask for the same masks repeatedly)."""
         m = _as_masks(masks, self.num_edges)
         keys = [row.astype(np.float32).tobytes() for row in m]
-        out = np.array([self._memo.get(k, np.nan) for k in keys], dtype=np.float64)
-        todo = np.flatnonzero(np.isnan(out))
-        if len(todo):
-            first = {}
-            for i in todo:  # each new mask once, even if asked several times in this call
-                first.setdefault(keys[i], i)
-            rows = np.array(list(first.values()))
-            new = self._predict(m[rows])
-            for i, v in zip(rows, new):
-                self._memo[keys[i]] = float(v)
-            out[todo] = [self._memo[keys[i]] for i in todo]
-        return out
+        first: dict[bytes, int] = {}  # each new mask once, even if asked several times in this call
+        for i, k in enumerate(keys):
+            if k not in self._memo:
+                first.setdefault(k, i)
+        if first:
+            for k, v in zip(first, self._predict(m[list(first.values())])):
+                self._memo[k] = float(v)
+        return np.array([self._memo[k] for k in keys], dtype=np.float64)
 
     def _predict(self, m: np.ndarray) -> np.ndarray:
         disc = ~self.ctx.graph.connected(m > 0.5)
