@@ -1,6 +1,7 @@
 """Run the study notebooks at a parameter profile, all or nothing.
 
-    python scripts/run_notebooks.py [--only 01_synthetic ...] [--jobs 2] [--staging build/staging] [--root .]
+    python scripts/run_notebooks.py [--only 01_synthetic ...] [--jobs 2] [--set device=cuda ...]
+                                    [--staging build/staging] [--root .]
 
 Every notebook ``notebooks/NN_name.ipynb`` is executed by papermill with ``notebooks/params/NN_name.yaml``
 (the paper profile), writing its figures and tables into a staging folder (``build/staging``) instead of
@@ -8,8 +9,11 @@ Every notebook ``notebooks/NN_name.ipynb`` is executed by papermill with ``noteb
 model, time estimates). Only when every notebook succeeded are the staged files copied over the committed
 ones (each file replaced atomically); a failure names the notebook and cell and leaves every committed
 figure, table and macro exactly as it was. The executed notebooks are kept in ``build/executed``.
-With ``--jobs N`` up to N notebooks run at once, each kernel pinned to one thread (their output interleaves;
-each line of a notebook's own log is in its executed copy).
+With ``--jobs N`` up to N notebooks run at once, each kernel pinned to one thread and a notebook's own
+``workers`` parameter set to 1 (one core per notebook; their output interleaves, each line of a notebook's own
+log is in its executed copy); the longest notebooks start first, by the ``_cold_minutes`` estimate in their
+profile (keys that start with ``_`` are for this runner and are not passed to the notebook).
+``--set key=value`` overrides a parameter of every notebook run (the value is read as YAML: ``--set device=cuda``).
 """
 from __future__ import annotations
 
@@ -35,16 +39,18 @@ def notebooks(root: Path, only: list[str] | None) -> list[Path]:
     return found
 
 
-def run(root: Path, nb: Path, params: Path, staging: Path) -> None:
+def run(root: Path, nb: Path, params: Path, staging: Path, extra: dict | None = None) -> None:
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
     out = root / EXECUTED / nb.name
     out.parent.mkdir(parents=True, exist_ok=True)
     overrides = {"fig_dir": str(staging / "figures"), "out_dir": str(staging / "generated")}
+    values = {k: v for k, v in _params(params).items() if not k.startswith("_")} | (extra or {}) | overrides
     start = time.time()
-    print(f"\n=== {nb.stem}: running with {params.relative_to(root)} ===", flush=True)
+    changed = "".join(f", {k}={v!r}" for k, v in (extra or {}).items())
+    print(f"\n=== {nb.stem}: running with {params.relative_to(root)}{changed} ===", flush=True)
     try:
-        pm.execute_notebook(str(nb), str(out), parameters=_params(params) | overrides, cwd=str(nb.parent),
+        pm.execute_notebook(str(nb), str(out), parameters=values, cwd=str(nb.parent),
                             log_output=True, progress_bar=False, stdout_file=sys.stdout, stderr_file=sys.stderr)
     except PapermillExecutionError as exc:
         raise SystemExit(f"\n{nb.stem} failed in cell {exc.exec_count} ({exc.ename}: {exc.evalue}); the executed "
@@ -56,7 +62,34 @@ def _params(path: Path) -> dict:
     import yaml
     if not path.is_file():
         raise SystemExit(f"missing parameter file {path}: every notebook needs its profile in notebooks/params/")
-    return yaml.safe_load(path.read_text()) or {}
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path} must be a mapping of parameter names to values, got {type(values).__name__}")
+    return values
+
+
+def _settings(pairs: list[str]) -> dict:
+    """``["device=cuda", "seeds=[0, 1]"]`` -> ``{"device": "cuda", "seeds": [0, 1]}`` (values read as YAML)."""
+    import yaml
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise SystemExit(f"--set expects key=value with a parameter name as key, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _one_core(root: Path, nb: Path) -> dict:
+    """A notebook sharing the machine with others gets one core: its own worker processes, if any, go to 1."""
+    return {"workers": 1} if "workers" in _params(root / "notebooks" / "params" / f"{nb.stem}.yaml") else {}
+
+
+def _cold_minutes(root: Path, nb: Path) -> float:
+    value = _params(root / "notebooks" / "params" / f"{nb.stem}.yaml").get("_cold_minutes", 0)
+    if not isinstance(value, (int, float)):
+        raise SystemExit(f"_cold_minutes in the profile of {nb.stem} must be a number, got {value!r}")
+    return float(value)
 
 
 def publish(root: Path, staging: Path) -> int:
@@ -79,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="*", help="notebook names (e.g. 01_synthetic); default: all")
     ap.add_argument("--jobs", type=int, default=1,
                     help="notebooks run at once (each kernel pinned to one thread when more than one)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override a parameter of every notebook run (value read as YAML), e.g. device=cuda")
     ap.add_argument("--staging", default=str(STAGING),
                     help="staging folder, relative to the root (give two runs of --only in parallel their own)")
     args = ap.parse_args(argv)
@@ -86,21 +121,25 @@ def main(argv: list[str] | None = None) -> None:
     staging = root / args.staging
     shutil.rmtree(staging, ignore_errors=True)
     todo = notebooks(root, args.only)
+    extra = _settings(args.set)
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
     start = time.time()
     if args.jobs == 1 or len(todo) == 1:
         for i, nb in enumerate(todo):
             print(f"[{i + 1}/{len(todo)}] {nb.stem} ({(time.time() - start) / 60:.0f} min so far)", flush=True)
-            run(root, nb, root / "notebooks" / "params" / f"{nb.stem}.yaml", staging)
+            run(root, nb, root / "notebooks" / "params" / f"{nb.stem}.yaml", staging, extra)
     else:
+        # longest first (their cold-run estimates): the shorter notebooks then fill the other cores
+        todo = sorted(todo, key=lambda nb: -_cold_minutes(root, nb))
+        print("running " + ", ".join(nb.stem for nb in todo) + f" with {args.jobs} at a time", flush=True)
         from concurrent.futures import ProcessPoolExecutor
         saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # inherited by every kernel
         try:
             with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-                futures = [pool.submit(run, root, nb, root / "notebooks" / "params" / f"{nb.stem}.yaml", staging)
-                           for nb in todo]
+                futures = [pool.submit(run, root, nb, root / "notebooks" / "params" / f"{nb.stem}.yaml", staging,
+                                       _one_core(root, nb) | extra) for nb in todo]
                 failed = []
                 for fut in futures:
                     try:

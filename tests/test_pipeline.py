@@ -65,3 +65,28 @@ def test_success_publishes_every_staged_file(tmp_path, jobs):
     assert (root / "paper" / "generated" / "02_b.tex").read_text() == "new 7"
     assert sorted(p.name for p in (root / "figures").iterdir()) == ["01_a.pdf", "02_b.pdf"]
     assert (root / "build" / "executed" / "02_b.ipynb").is_file()
+
+
+def test_set_overrides_a_parameter_and_runner_keys_stay_out_of_the_notebook(tmp_path):
+    root = _project(tmp_path, fail_last=False)
+    (root / "notebooks" / "params" / "01_a.yaml").write_text("value: 7\n_cold_minutes: 5\n")
+    _runner().main(["--root", str(root), "--set", "value=[1, 2]"])
+    assert (root / "paper" / "generated" / "01_a.tex").read_text() == "new [1, 2]"  # read as YAML
+    executed = (root / "build" / "executed" / "01_a.ipynb").read_text()
+    assert "_cold_minutes" not in executed
+
+
+@pytest.mark.parametrize("bad", ["value", "=3", "not a name=3"])
+def test_set_without_a_parameter_name_is_refused(tmp_path, bad):
+    root = _project(tmp_path, fail_last=False)
+    with pytest.raises(SystemExit, match="--set expects key=value"):
+        _runner().main(["--root", str(root), "--set", bad])
+    assert (root / "paper" / "generated" / "01_a.tex").read_text() == "old"
+
+
+def test_parallel_runs_start_the_longest_notebook_first(tmp_path, capsys):
+    root = _project(tmp_path, fail_last=False)
+    (root / "notebooks" / "params" / "02_b.yaml").write_text("value: 7\n_cold_minutes: 90\n")
+    (root / "notebooks" / "params" / "01_a.yaml").write_text("value: 7\n_cold_minutes: 10\n")
+    _runner().main(["--root", str(root), "--jobs", "2"])
+    assert "running 02_b, 01_a with 2 at a time" in capsys.readouterr().out
