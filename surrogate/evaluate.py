@@ -5,7 +5,7 @@ import contextlib
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .gating import _GATES_ATTR, GatedModel, check_mask, gate_indices
+from .progress import Ticker
 
 __all__ = ["Task", "Subset", "MaskEval", "evaluate_masks", "default_masks_per_pass", "measuring",
            "MAX_PASS_ELEMENTS"]
@@ -102,7 +103,8 @@ MAX_PASS_ELEMENTS = 2 ** 27  # default cap on the elements of one stacked pass's
 def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, batch_size: int = 512,
                    masks_per_pass: int | None = None, progress: bool = False, keep_outputs: bool = False,
                    strategy: Literal["stack", "prefix"] = "stack",
-                   max_pass_elements: int = MAX_PASS_ELEMENTS, keep_state: str | None = None) -> MaskEval:
+                   max_pass_elements: int = MAX_PASS_ELEMENTS, keep_state: str | None = None,
+                   log: Callable[[str], None] | None = None) -> MaskEval:
     """Evaluate every mask on the whole subset: S(m) = mean per-sample loss. Deterministic: no sampling.
 
     strategy "stack": masks_per_pass masks are stacked into one forward pass (None: as many as keep a pass
@@ -118,6 +120,8 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
     under every mask on every sample, ``extra["state"]`` ((M, n, ...)), measured in the same passes
     (strategy "stack" only); hidden-state surrogates are built from it.
     progress: a tqdm bar (tqdm.auto: also in notebooks) counting masks done.
+    log: a callable that receives a progress line (masks done, time so far and left) every few minutes of a
+    long evaluation (``surrogate.progress``; default: the log installed by ``progress.reporting``, if any).
     """
     m = check_mask(masks, gated.num_edges)
     m = m.unsqueeze(0) if m.dim() == 1 else m
@@ -139,6 +143,7 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(m), desc=f"S(m) on {data.name}", unit="mask")
+    tick = Ticker(f"S(m) of {len(m)} masks on {data.name}", len(m), log)
 
     def add(j: int, out: torch.Tensor, y: torch.Tensor) -> None:  # one mask's outputs on one batch
         nonlocal has_acc
@@ -165,6 +170,7 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
                         done += len(group)
                         if bar is not None:
                             bar.update(done // n_batches - bar.n)
+                        tick(done // n_batches)
             else:
                 if masks_per_pass is None:
                     masks_per_pass = default_masks_per_pass(gated, data, len(m), batch_size, max_pass_elements)
@@ -185,6 +191,7 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
                             add(c0 + j, out[j], y)
                     if bar is not None:
                         bar.update(len(mc))
+                    tick(c0 + len(mc))
     finally:
         if bar is not None:
             bar.close()

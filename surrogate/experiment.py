@@ -36,6 +36,7 @@ from .graph import ComputationGraph, Edge, Vertex, build_graph
 from .masks import bernoulli_masks, exhaustive_masks, mask_text, prior_design, sparsity_masks, unique_rows
 from .methods import METHODS, fit_method, measure_design, method_names
 from .metrics import evaluate_predictions, spearman
+from .progress import reporting
 from .pruning import Budget, select_mask
 from .scorers import Context, Measured, Predictor
 
@@ -207,7 +208,15 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
     scoring: all a method may see; evaluation: the truth (held-out data). key: columns that identify this
     model in every record (e.g. ``{"seed": 3}``). seed: the methods' own randomness (random scores,
     surrogate initialisation); mask_seed (default ``seed``): the draws of test and extra masks and of the
-    budget searches. log: optional callable receiving progress lines."""
+    budget searches. log: optional callable receiving progress lines (each phase, and every few minutes
+    within a long one: masks measured or predicted so far, and an estimate of the time left)."""
+    with reporting(log):
+        return _experiment(model, scoring, evaluation, task, config, seed, mask_seed, key, log)
+
+
+def _experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluation: Subset, task: Task,
+                config: ExperimentConfig, seed: int, mask_seed: int | None, key: Mapping[str, Any] | None,
+                log: Any) -> ExperimentResult:
     say = log or (lambda msg: None)
     mseed = seed if mask_seed is None else mask_seed
     key = dict(key or {})
@@ -276,9 +285,11 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
     predictors: dict[str, Predictor] = {}
     all_passes: dict[str, dict[str, int]] = {}
     predictions: dict[str, dict[str, np.ndarray]] = {p: {} for p in tests}
-    for name in methods:
-        say(f"method {name}")
+    for i, name in enumerate(methods):
+        say(f"method {name} ({i + 1}/{len(methods)})")
         pred, seconds = _timed(lambda: fit_method(name, ctx))
+        if seconds > 60:
+            say(f"method {name}: fitted in {seconds / 60:.1f} min")
         predictors[name] = pred
         passes = all_passes[name] = METHODS[name].passes_in(ctx)
         if not METHODS[name].predicts:  # a search method: its picks count, its "predictions" do not
@@ -305,7 +316,9 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
     known = {row.astype(np.float32).tobytes(): (float(l), float(a) if t.accuracy is not None else float("nan"))
              for p, t in truth.items() for row, l, a in
              zip(tests[p], t.loss, t.accuracy if t.accuracy is not None else t.loss)}
-    regret = _regret(config, graph, removable, predictors, _reusing(ev, known), evaluation, mseed, key)
+    if config.budgets:
+        say(f"budgeted picks of {len(predictors)} methods at {len(config.budgets)} budgets")
+    regret = _regret(config, graph, removable, predictors, _reusing(ev, known), evaluation, mseed, key, say)
     for r in regret:
         r.update(all_passes[r["method"]])
 
@@ -360,7 +373,8 @@ def _budget_edges(config: ExperimentConfig, budget: float, removable: int) -> in
 
 def _regret(config: ExperimentConfig, graph: ComputationGraph, allowed: np.ndarray,
             predictors: Mapping[str, Predictor], ev: Any,
-            evaluation: Subset, seed: int, key: Mapping[str, Any]) -> list[dict[str, Any]]:
+            evaluation: Subset, seed: int, key: Mapping[str, Any],
+            say: Any = lambda msg: None) -> list[dict[str, Any]]:
     e = graph.num_prunable
     idx = np.flatnonzero(allowed)
     rows: list[dict[str, Any]] = []
@@ -373,6 +387,8 @@ def _regret(config: ExperimentConfig, graph: ComputationGraph, allowed: np.ndarr
                                    allow_disconnected=not config.connected_picks)
                  for name, pred in predictors.items()}
         exhaustive = math.comb(len(idx), b) <= config.exhaustive_limit
+        say(f"budget {budget}: {b} of {len(idx)} edges removed; methods' picks made, searching the "
+            f"{'exhaustive' if exhaustive else 'sampled'} pool for the best mask")
         rng = np.random.default_rng(seed + 100 + b)
         if exhaustive:
             pool = exhaustive_masks(e, (b,), allowed)

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .flow import FlowStructure
+from .progress import Ticker
 from .scorers import Context, Measured, Predictor, _as_masks
 
 __all__ = ["Surrogate", "LinearSurrogate", "MLPSurrogate", "PriorGraphSurrogate",
@@ -392,6 +393,7 @@ class SuperpositionSurrogate(Surrogate):
         targets = self.ctx.scoring.targets
         out = np.empty(len(m))
         step = max(1, self.chunk_elements // max(1, self.y1.numel()))
+        tick = Ticker(f"{self.name}: predicting {len(m)} masks", len(m))  # the readout tail: seconds per mask
         for c0 in range(0, len(m), step):
             y = self.y1 + torch.tensordot(coef[c0:c0 + step], self.dy, dims=1)  # (M, n, ...)
             if self.interactions is not None:
@@ -400,6 +402,7 @@ class SuperpositionSurrogate(Surrogate):
                 if disc[c0 + j]:
                     yj = yj.mean(0, keepdim=True).expand_as(yj)
                 out[c0 + j] = self._loss(yj, targets)
+                tick(c0 + j + 1)
         return out
 
     def _loss(self, y: torch.Tensor, targets: torch.Tensor) -> float:

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .evaluate import Subset, Task
 from .paths import atomic_path, cache_root
+from .progress import PROGRESS_SECONDS  # train(log=...) reports the running loss this often within an epoch
 
 __all__ = ["set_seed", "TrainConfig", "TrainResult", "lr_schedule", "train", "config_hash", "cached_model", "cached_result",
            "default_cache_dir", "finetune"]
@@ -32,9 +33,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-PROGRESS_SECONDS = 300.0  # train(log=...) reports the running training loss this often within an epoch
 
 
 @dataclass(frozen=True)
