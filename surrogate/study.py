@@ -21,7 +21,9 @@ import torch
 from .data import TeacherTaskConfig, make_teacher_task
 from .evaluate import Subset, Task
 from .experiment import ExperimentConfig, GraphOptions, MaskFamily, run_experiment
+from . import progress
 from .models import Block, RandomGraphConfig, RandomGraphNet
+from .progress import Ticker
 from .train import TrainConfig, cached_model, cached_result, train
 
 __all__ = ["StudyConfig", "run_graph", "run_study", "PROTOCOLS", "study_network"]
@@ -129,8 +131,13 @@ def run_study(cfg: StudyConfig, workers: int = 1, cache_dir: str | None = None,
 
 
 def _progress(it, total: int, show: bool):
-    """``it`` with a progress bar (graphs done, time left) on stderr if ``show``."""
+    """``it``, printing "graphs: done/total (time so far, ~time left)" about once a minute if ``show``: plain
+    lines, which a notebook, papermill's terminal log and a script all show (a tqdm widget shows in
+    JupyterLab only)."""
     if not show:
-        return it
-    from tqdm.auto import tqdm
-    return tqdm(it, total=total, desc="graphs")
+        yield from it
+        return
+    tick = Ticker("graphs", total, lambda line: print(line, flush=True), every=min(60.0, progress.PROGRESS_SECONDS))
+    for done, item in enumerate(it, 1):
+        yield item
+        tick(done)

@@ -30,3 +30,11 @@ def test_study_records_are_cached_per_graph(tmp_path, monkeypatch: pytest.Monkey
         pd.testing.assert_frame_equal(first[k], again[k])
     with pytest.raises(AssertionError, match="measured again"):  # another config is another key
         run_study(replace(TINY, n_test_masks=13), cache_dir=str(tmp_path), progress=False)
+
+
+def test_study_progress_is_plain_lines_with_time_left(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys):
+    import surrogate.progress as progress
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.0)
+    run_study(TINY, cache_dir=str(tmp_path), progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("graphs: 1/2 (") and "left)" in line for line in lines)
