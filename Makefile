@@ -9,6 +9,8 @@ STAMP  := $(VENV)/.installed
 BUILD  := build
 # notebooks run at once by `make paper` (one thread each; 2 cores: the two long studies side by side)
 JOBS   ?= 2
+# `make paper DEVICE=cuda`: every notebook on that device (default: each profile's own, the CPU)
+DEVICE ?=
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
 .PHONY: all setup tex test unit nbval paper-build paper results bench clean
@@ -45,7 +47,7 @@ test: unit nbval paper-build
 # folder, published to the committed figures/ and paper/generated/ only if every notebook succeeded (all or
 # nothing; executed notebooks kept in build/executed), then the paper itself (paper/main.pdf).
 results: setup
-	$(BIN)/python scripts/run_notebooks.py --jobs $(JOBS)
+	$(BIN)/python scripts/run_notebooks.py --jobs $(JOBS) $(if $(DEVICE),--set device=$(DEVICE))
 
 paper: results tex
 	cd paper && latexmk -pdf -interaction=nonstopmode -halt-on-error main.tex

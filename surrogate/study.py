@@ -109,6 +109,9 @@ def run_study(cfg: StudyConfig, workers: int = 1, cache_dir: str | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Run every graph of the study; DataFrames "info", "protocols", "by_k", "regret", "efficiency" and
     per-graph "examples" (predictions on the test masks, importances, a view of the graph)."""
+    if workers > 1 and cfg.train.device != "cpu":
+        raise ValueError(f"workers={workers} runs graphs in parallel processes on the CPU; with device="
+                         f"{cfg.train.device!r} use workers=1 (one process drives the accelerator)")
     jobs = [(cfg, size, cfg.first_seed + g, cache_dir) for size in cfg.sizes for g in range(cfg.graphs_per_size)]
     if workers > 1:  # largest graphs first balances the workers; every graph is seeded on its own
         order = sorted(range(len(jobs)), key=lambda i: -jobs[i][1])

@@ -90,3 +90,21 @@ def test_parallel_runs_start_the_longest_notebook_first(tmp_path, capsys):
     (root / "notebooks" / "params" / "01_a.yaml").write_text("value: 7\n_cold_minutes: 10\n")
     _runner().main(["--root", str(root), "--jobs", "2"])
     assert "running 02_b, 01_a with 2 at a time" in capsys.readouterr().out
+
+
+def _parameter_names(nb_path: Path) -> set[str]:
+    import ast
+    nb = nbformat.read(nb_path, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    return {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name)}
+
+
+@pytest.mark.parametrize("nb_path", sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
+def test_every_profile_sets_only_parameters_its_notebook_has_and_every_notebook_takes_a_device(nb_path):
+    import yaml
+    names = _parameter_names(nb_path)
+    assert "device" in names, f"{nb_path.name} has no device parameter"
+    profile = yaml.safe_load((ROOT / "notebooks" / "params" / f"{nb_path.stem}.yaml").read_text())
+    unknown = {k for k in profile if not k.startswith("_")} - names
+    assert not unknown, f"the paper profile of {nb_path.stem} sets {sorted(unknown)}, which the notebook lacks"

@@ -38,3 +38,8 @@ def test_study_progress_is_plain_lines_with_time_left(tmp_path, monkeypatch: pyt
     run_study(TINY, cache_dir=str(tmp_path), progress=True)
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("graphs: 1/2 (") and "left)" in line for line in lines)
+
+
+def test_parallel_workers_are_refused_on_an_accelerator(tmp_path):
+    with pytest.raises(ValueError, match="use workers=1"):
+        run_study(replace(TINY, train=replace(TINY.train, device="cuda")), workers=2, cache_dir=str(tmp_path))
