@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator
 
-__all__ = ["PROGRESS_SECONDS", "Ticker", "reporting"]
+__all__ = ["PROGRESS_SECONDS", "Ticker", "reporting"]  # and _duration, for train's own lines
 
 PROGRESS_SECONDS = 300.0  # a long phase reports this often
 

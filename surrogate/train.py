@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .evaluate import Subset, Task
 from .paths import atomic_path, cache_root
-from .progress import PROGRESS_SECONDS  # train(log=...) reports the running loss this often within an epoch
+from .progress import PROGRESS_SECONDS, _duration  # train(log=...) reports the running loss this often in an epoch
 
 __all__ = ["set_seed", "TrainConfig", "TrainResult", "lr_schedule", "train", "config_hash", "cached_model", "cached_result",
            "default_cache_dir", "finetune"]
@@ -159,14 +159,22 @@ def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, co
     keep_best = config.keep == "best"
     best = (float("inf"), -1, copy.deepcopy(model.state_dict()) if keep_best else None)
     history: list[dict[str, float]] = []
-    last_report = time.monotonic()
+    last_report = started = time.monotonic()
+    total_steps = config.epochs * steps_per_epoch
+    bound = " at most" if config.patience is not None else ""  # early stopping may end it sooner
+
+    def timing(steps_done: int) -> str:
+        spent = time.monotonic() - started
+        return f"({_duration(spent)} so far, ~{_duration(spent * (total_steps - steps_done) / steps_done)} left{bound})"
+
     for epoch in range(config.epochs):
         model.train()
         total, count = 0.0, 0
         for step, b in enumerate(_batches(len(train_data), config.batch_size, gen)):
             if log is not None and time.monotonic() - last_report > PROGRESS_SECONDS and count:
                 last_report = time.monotonic()  # long epochs (language models): a line every few minutes
-                log(f"epoch {epoch:3d} step {step}/{steps_per_epoch} train {total / count:.4f}")
+                log(f"epoch {epoch:3d} step {step}/{steps_per_epoch} train {total / count:.4f} "
+                    f"{timing(epoch * steps_per_epoch + step)}")
             x, y = train_data.inputs[b].to(device), train_data.targets[b].to(device)
             if augment is not None:
                 x = augment(x, gen)
@@ -188,7 +196,8 @@ def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, co
         val_loss, val_acc = _evaluate(model, val_data, task)
         history.append({"epoch": epoch, "train_loss": total / count, "val_loss": val_loss, "val_acc": val_acc})
         if log is not None:
-            log(f"epoch {epoch:3d} train {total / count:.4f} val {val_loss:.4f} acc {val_acc:.4f}")
+            log(f"epoch {epoch:3d} train {total / count:.4f} val {val_loss:.4f} acc {val_acc:.4f} "
+                f"{timing((epoch + 1) * steps_per_epoch)}")
         if val_loss < best[0]:
             best = (val_loss, epoch, copy.deepcopy(model.state_dict()) if keep_best else None)
         elif config.patience is not None and epoch - best[1] >= config.patience:

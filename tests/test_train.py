@@ -3,6 +3,7 @@ fine-tuning."""
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -275,6 +276,7 @@ def test_long_epochs_report_progress_without_changing_training(data, monkeypatch
     loud = train(_net(), train_data, val_data, TASK, config, log=lines.append)
     steps = [ln for ln in lines if " step " in ln]
     assert len(steps) == 2 * (4 - 1) and steps[0].startswith("epoch   0 step 1/4 train")
+    assert all(re.search(r"\(\d+ s so far, ~\d+ s left\)$", ln) for ln in lines)  # no patience: an exact count
     assert quiet.history == loud.history
 
 
