@@ -1,6 +1,8 @@
 """Cost of a model: parameters, multiply-accumulates and measured CPU latency."""
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -10,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["Cost", "count_params", "count_macs", "measure_latency", "measure_cost"]
+__all__ = ["Cost", "count_params", "count_macs", "measure_latency", "measure_cost", "machine"]
 
 
 @dataclass(frozen=True)
@@ -53,3 +55,24 @@ def measure_latency(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tens
 
 def measure_cost(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor], repeats: int = 20) -> Cost:
     return Cost(count_params(model), count_macs(model, inputs), measure_latency(model, inputs, repeats))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """What a measured latency depends on besides the model: the processor (or accelerator), the cores and
+    torch threads, and the torch version. Part of the cache key of cached timings, so that a warm rerun on the
+    same machine reuses them (byte-identical outputs) and any other machine or thread setting measures anew."""
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_model()
+    return {"device": str(dev), "name": name, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}

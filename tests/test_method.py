@@ -831,3 +831,15 @@ def test_heads_only_gpt2_has_a_readout_after_the_last_heads_and_its_tail_is_exac
     sur = fit_method("superposition_pairs", ctx)
     assert sur.node == node
     np.testing.assert_allclose(sur.predict(fit), res.loss, rtol=1e-4)  # measured masks are reproduced
+
+
+def test_the_machine_key_of_cached_timings_names_the_processor_and_thread_setting():
+    from surrogate.profile import machine
+    key = machine()
+    assert key["device"] == "cpu" and key["name"] and key["threads"] == torch.get_num_threads()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert machine() != key  # another thread setting times differently: another cache entry
+    finally:
+        torch.set_num_threads(threads)
