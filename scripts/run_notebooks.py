@@ -58,6 +58,24 @@ def run(root: Path, nb: Path, params: Path, staging: Path, extra: dict | None = 
     print(f"=== {nb.stem}: done in {(time.time() - start) / 60:.1f} min ===", flush=True)
 
 
+def parameters_of(nb: Path) -> set[str]:
+    """Names assigned in the notebook's cell tagged "parameters" (what papermill may set)."""
+    import ast
+    import nbformat
+    cells = [c for c in nbformat.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", [])]
+    if not cells:
+        raise SystemExit(f"{nb} has no cell tagged 'parameters'; papermill cannot set its parameters")
+    return {t.id for node in ast.parse(cells[0].source).body if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+
+
+def _check_names(nb: Path, values: dict, source: str) -> None:
+    unknown = sorted(set(values) - parameters_of(nb))
+    if unknown:
+        raise SystemExit(f"{source} sets {unknown}, which {nb.name} has no parameter for (a typo?); its parameters: "
+                         f"{', '.join(sorted(parameters_of(nb)))}")
+
+
 def _params(path: Path) -> dict:
     import yaml
     if not path.is_file():
@@ -124,6 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     extra = _settings(args.set)
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
+    for nb in todo:  # before anything runs: a misspelt parameter would be injected and silently ignored
+        params = root / "notebooks" / "params" / f"{nb.stem}.yaml"
+        _check_names(nb, {k: v for k, v in _params(params).items() if not k.startswith("_")}, str(params.relative_to(root)))
+        _check_names(nb, extra, "--set")
     start = time.time()
     if args.jobs == 1 or len(todo) == 1:
         for i, nb in enumerate(todo):

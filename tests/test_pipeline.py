@@ -92,18 +92,10 @@ def test_parallel_runs_start_the_longest_notebook_first(tmp_path, capsys):
     assert "running 02_b, 01_a with 2 at a time" in capsys.readouterr().out
 
 
-def _parameter_names(nb_path: Path) -> set[str]:
-    import ast
-    nb = nbformat.read(nb_path, as_version=4)
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    return {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
-            for t in node.targets if isinstance(t, ast.Name)}
-
-
 @pytest.mark.parametrize("nb_path", sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
 def test_every_profile_sets_only_parameters_its_notebook_has_and_every_notebook_takes_a_device(nb_path):
     import yaml
-    names = _parameter_names(nb_path)
+    names = _runner().parameters_of(nb_path)
     assert "device" in names, f"{nb_path.name} has no device parameter"
     profile = yaml.safe_load((ROOT / "notebooks" / "params" / f"{nb_path.stem}.yaml").read_text())
     unknown = {k for k in profile if not k.startswith("_")} - names
@@ -126,3 +118,16 @@ def test_compare_generated_counts_changed_numbers_and_writes_its_macros(tmp_path
     cmp.main([str(old), str(new), "--prefix", "01_", "--macros", str(tmp_path / "m.tex"), "--name", "Syn"])
     text = (tmp_path / "m.tex").read_text()
     assert "\\newcommand{\\SynNumbersChanged}{1}" in text and "\\newcommand{\\SynFilesIdentical}{1}" in text
+
+
+@pytest.mark.parametrize("where", ["--set", "profile"])
+def test_a_misspelt_parameter_stops_the_run_before_anything_runs(tmp_path, where):
+    root = _project(tmp_path, fail_last=False)
+    args = ["--root", str(root)]
+    if where == "--set":
+        args += ["--set", "valeu=3"]
+    else:
+        (root / "notebooks" / "params" / "02_b.yaml").write_text("valeu: 3\n")
+    with pytest.raises(SystemExit, match=r"sets \['valeu'\], which .* has no parameter"):
+        _runner().main(args)
+    assert not (root / "build" / "executed").exists()
