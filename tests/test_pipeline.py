@@ -109,12 +109,13 @@ def test_compare_generated_counts_changed_numbers_and_writes_its_macros(tmp_path
     old, new = tmp_path / "old", tmp_path / "new"
     for d, rho in ((old, 0.5), (new, 0.52)):
         d.mkdir()
-        (d / "01_a.csv").write_text(f"method,spearman,n\nx,{rho},3\ny,0.1,4\n")
+        (d / "01_a.csv").write_text(f"method,spearman_mean,spearman_std\nx,{rho},0.04\ny,0.1,0.1\n")
         (d / "01_m.tex").write_text("\\newcommand{\\SynA}{1{,}234}\n")
     res = cmp.compare(old, new, "01_").set_index("file")
     assert not res.loc["01_a.csv", "identical"] and res.loc["01_m.tex", "identical"]
     assert res.loc["01_a.csv", "numbers"] == 4 and res.loc["01_a.csv", "changed"] == 1
     assert res.loc["01_a.csv", "max_change_spearman"] == pytest.approx(0.02)
+    assert res.loc["01_a.csv", "max_change_in_std"] == pytest.approx(0.5)
     cmp.main([str(old), str(new), "--prefix", "01_", "--macros", str(tmp_path / "m.tex"), "--name", "Syn"])
     text = (tmp_path / "m.tex").read_text()
     assert "\\newcommand{\\SynNumbersChanged}{1}" in text and "\\newcommand{\\SynFilesIdentical}{1}" in text
