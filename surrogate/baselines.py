@@ -45,6 +45,7 @@ from .gating import prune
 from .graph import MERGE_OPS, ComputationGraph, Edge, run_nodes
 from .methods import Method, register_method
 from .metrics import kendall
+from .progress import Ticker
 from .scorers import AdditivePredictor, Context
 
 __all__ = ["edge_similarities", "exclusive_sums", "taylor_plus_scores", "synflow_scores", "sleb_order",
@@ -485,7 +486,9 @@ def sleb_order(ctx: Context) -> tuple[list[int], int]:
     mask = np.ones(ctx.num_edges, dtype=np.float32)
     order: list[int] = []
     measured = 0
-    for _ in range(k):
+    tick = Ticker(f"sleb: greedy removal of {k} edges", k)  # each step measures every remaining candidate
+    for step in range(k):
+        tick(step)
         left = [i for i in cand if mask[i] == 1]
         trials = np.repeat(mask[None], len(left), 0)
         trials[np.arange(len(left)), left] = 0
