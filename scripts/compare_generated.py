@@ -40,7 +40,8 @@ def _macros(path: Path) -> dict[str, str]:
 def compare_file(a: Path, b: Path) -> dict:
     """Numbers compared, numbers changed and the largest change (overall and of Spearman columns or macros)."""
     out = {"file": a.name, "identical": a.read_bytes() == b.read_bytes(), "numbers": 0, "changed": 0,
-           "max_change": 0.0, "max_change_spearman": 0.0, "worst": "", "max_change_in_std": 0.0}
+           "max_change": 0.0, "max_change_spearman": 0.0, "worst": "", "max_change_in_std": 0.0,
+           "text_changed": 0}
 
     def add(name: str, x: float, y: float) -> None:
         if math.isnan(x) and math.isnan(y):
@@ -62,16 +63,18 @@ def compare_file(a: Path, b: Path) -> dict:
         if x.shape != y.shape or list(x.columns) != list(y.columns):
             raise SystemExit(f"{a.name}: the two runs' tables differ in shape or columns; not comparable")
         for col in x.columns:
-            if pd.api.types.is_numeric_dtype(x[col]) and pd.api.types.is_numeric_dtype(y[col]):
-                for i, (u, v) in enumerate(zip(x[col].astype(float), y[col].astype(float))):
-                    add(f"{col}[{i}]", u, v)
-                std = col[:-len("_mean")] + "_std" if col.endswith("_mean") else None
-                if std in x.columns and "spearman" in col:  # a mean's change against its spread over networks
-                    spread = np.maximum(x[std].astype(float).to_numpy(), y[std].astype(float).to_numpy())
-                    d = np.abs(x[col].astype(float).to_numpy() - y[col].astype(float).to_numpy())
-                    ok = np.isfinite(d) & (spread > 0)
-                    if ok.any():
-                        out["max_change_in_std"] = max(out["max_change_in_std"], float((d[ok] / spread[ok]).max()))
+            if not (pd.api.types.is_numeric_dtype(x[col]) and pd.api.types.is_numeric_dtype(y[col])):
+                out["text_changed"] += int((x[col].astype(str) != y[col].astype(str)).sum())  # e.g. another method named
+                continue
+            for i, (u, v) in enumerate(zip(x[col].astype(float), y[col].astype(float))):
+                add(f"{col}[{i}]", u, v)
+            std = col[:-len("_mean")] + "_std" if col.endswith("_mean") else None
+            if std in x.columns and "spearman" in col.lower():  # a mean's change against its spread over networks
+                spread = np.maximum(x[std].astype(float).to_numpy(), y[std].astype(float).to_numpy())
+                d = np.abs(x[col].astype(float).to_numpy() - y[col].astype(float).to_numpy())
+                ok = np.isfinite(d) & (spread > 0)
+                if ok.any():
+                    out["max_change_in_std"] = max(out["max_change_in_std"], float((d[ok] / spread[ok]).max()))
     elif a.suffix == ".tex":
         ma, mb = _macros(a), _macros(b)
         for name in sorted(set(ma) & set(mb)):
@@ -91,7 +94,12 @@ def _count_numbers(path: Path) -> int:
 
 
 def compare(old: Path, new: Path, prefix: str = "") -> pd.DataFrame:
-    names = sorted({p.name for p in old.glob(f"{prefix}*") if p.is_file()} & {p.name for p in new.glob(f"{prefix}*")})
+    a = {p.name for p in old.glob(f"{prefix}*") if p.is_file()}
+    b = {p.name for p in new.glob(f"{prefix}*") if p.is_file()}
+    for side, only in ((old, a - b), (new, b - a)):
+        if only:
+            print(f"only in {side}: {', '.join(sorted(only))} (not compared)")
+    names = sorted(a & b)
     if not names:
         raise SystemExit(f"no file named {prefix}* is in both {old} and {new}")
     return pd.DataFrame([compare_file(old / n, new / n) for n in names])
@@ -109,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     with pd.option_context("display.width", 160, "display.max_rows", 200):
         print(res.to_string(index=False))
     csv = res[res.file.str.endswith(".csv")]
+    if res.text_changed.any():
+        print(f"{int(res.text_changed.sum())} text cells differ too (e.g. a different method named in a row)")
     print(f"\n{int(res.identical.sum())} of {len(res)} files identical; {int(res.changed.sum())} of "
           f"{int(res.numbers.sum())} numbers changed; largest change {res.max_change.max():.4g} "
           f"({res.loc[res.max_change.idxmax(), 'file']} {res.loc[res.max_change.idxmax(), 'worst']}); "

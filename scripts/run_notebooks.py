@@ -46,6 +46,8 @@ def run(root: Path, nb: Path, params: Path, staging: Path, extra: dict | None = 
     out.parent.mkdir(parents=True, exist_ok=True)
     overrides = {"fig_dir": str(staging / "figures"), "out_dir": str(staging / "generated")}
     values = {k: v for k, v in _params(params).items() if not k.startswith("_")} | (extra or {}) | overrides
+    if str(values.get("device", "cpu")).split(":")[0] != "cpu" and "workers" in values and "workers" not in (extra or {}):
+        values["workers"] = 1  # one process drives an accelerator
     start = time.time()
     changed = "".join(f", {k}={v!r}" for k, v in (extra or {}).items())
     print(f"\n=== {nb.stem}: running with {params.relative_to(root)}{changed} ===", flush=True)
@@ -130,14 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="*", help="notebook names (e.g. 01_synthetic); default: all")
     ap.add_argument("--jobs", type=int, default=1,
                     help="notebooks run at once (each kernel pinned to one thread when more than one)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                     help="override a parameter of every notebook run (value read as YAML), e.g. device=cuda")
     ap.add_argument("--staging", default=str(STAGING),
                     help="staging folder, relative to the root (give two runs of --only in parallel their own)")
     args = ap.parse_args(argv)
     root = Path(args.root).resolve()
     staging = root / args.staging
-    shutil.rmtree(staging, ignore_errors=True)
     todo = notebooks(root, args.only)
     extra = _settings(args.set)
     if args.jobs < 1:
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         params = root / "notebooks" / "params" / f"{nb.stem}.yaml"
         _check_names(nb, {k: v for k, v in _params(params).items() if not k.startswith("_")}, str(params.relative_to(root)))
         _check_names(nb, extra, "--set")
+    shutil.rmtree(staging, ignore_errors=True)  # only once the run can start: the last staged outputs stay till then
     start = time.time()
     if args.jobs == 1 or len(todo) == 1:
         for i, nb in enumerate(todo):

@@ -20,6 +20,7 @@ F families; budget b's search ``seed + 100 + b``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -210,7 +211,7 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
     surrogate initialisation); mask_seed (default ``seed``): the draws of test and extra masks and of the
     budget searches. log: optional callable receiving progress lines (each phase, and every few minutes
     within a long one: masks measured or predicted so far, and an estimate of the time left)."""
-    with reporting(log):
+    with reporting(log) if log is not None else contextlib.nullcontext():  # None keeps a log installed outside
         return _experiment(model, scoring, evaluation, task, config, seed, mask_seed, key, log)
 
 

@@ -21,7 +21,7 @@ import torch
 from .data import TeacherTaskConfig, make_teacher_task
 from .evaluate import Subset, Task
 from .experiment import ExperimentConfig, GraphOptions, MaskFamily, run_experiment
-from . import progress
+from . import progress as _progress_settings
 from .models import Block, RandomGraphConfig, RandomGraphNet
 from .progress import Ticker
 from .train import TrainConfig, cached_model, cached_result, train
@@ -109,7 +109,7 @@ def run_study(cfg: StudyConfig, workers: int = 1, cache_dir: str | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Run every graph of the study; DataFrames "info", "protocols", "by_k", "regret", "efficiency" and
     per-graph "examples" (predictions on the test masks, importances, a view of the graph)."""
-    if workers > 1 and cfg.train.device != "cpu":
+    if workers > 1 and torch.device(cfg.train.device).type != "cpu":
         raise ValueError(f"workers={workers} runs graphs in parallel processes on the CPU; with device="
                          f"{cfg.train.device!r} use workers=1 (one process drives the accelerator)")
     jobs = [(cfg, size, cfg.first_seed + g, cache_dir) for size in cfg.sizes for g in range(cfg.graphs_per_size)]
@@ -140,7 +140,7 @@ def _progress(it, total: int, show: bool):
     if not show:
         yield from it
         return
-    tick = Ticker("graphs", total, lambda line: print(line, flush=True), every=min(60.0, progress.PROGRESS_SECONDS))
+    tick = Ticker("graphs", total, lambda line: print(line, flush=True), every=min(60.0, _progress_settings.PROGRESS_SECONDS))
     for done, item in enumerate(it, 1):
         yield item
         tick(done)

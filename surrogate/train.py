@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from .evaluate import Subset, Task
 from .paths import atomic_path, cache_root
-from .progress import PROGRESS_SECONDS, _duration  # train(log=...) reports the running loss this often in an epoch
+from . import progress as _progress  # train(log=...) reports every progress.PROGRESS_SECONDS within an epoch
+from .progress import _duration
 
 __all__ = ["set_seed", "TrainConfig", "TrainResult", "lr_schedule", "train", "config_hash", "cached_model", "cached_result",
            "default_cache_dir", "finetune"]
@@ -171,7 +172,7 @@ def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, co
         model.train()
         total, count = 0.0, 0
         for step, b in enumerate(_batches(len(train_data), config.batch_size, gen)):
-            if log is not None and time.monotonic() - last_report > PROGRESS_SECONDS and count:
+            if log is not None and time.monotonic() - last_report > _progress.PROGRESS_SECONDS and count:
                 last_report = time.monotonic()  # long epochs (language models): a line every few minutes
                 log(f"epoch {epoch:3d} step {step}/{steps_per_epoch} train {total / count:.4f} "
                     f"{timing(epoch * steps_per_epoch + step)}")

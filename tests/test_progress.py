@@ -53,6 +53,30 @@ def test_a_ticker_reports_at_most_once_per_interval():
     assert lines == []
 
 
+def test_a_ticker_reports_again_each_time_the_interval_has_passed(monkeypatch):
+    from types import SimpleNamespace
+    now = [0.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: now[0]))  # a fake clock
+    lines: list[str] = []
+    tick = Ticker("work", 100, lines.append, every=10)
+    for i in range(1, 100):
+        now[0] = float(i)  # one second per unit
+        tick(i)
+    assert len(lines) == 9 and lines[0] == "work: 10/100 (10 s so far, ~1.5 min left)"
+    assert lines[-1] == "work: 90/100 (1.5 min so far, ~10 s left)"
+
+
+def test_run_experiment_without_a_log_keeps_the_log_installed_around_it(net, monkeypatch):
+    model, data = net
+    config = ExperimentConfig(methods=("loo",), families=(MaskFamily("all", "exhaustive"),), budgets=(),
+                              eval_batch=8, context_batch=16, extra_k=(), eval_strategy="prefix")
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.0)
+    lines: list[str] = []
+    with reporting(lines.append):
+        run_experiment(model, data, data, Task("classification"), config)
+    assert any(line.startswith("S(m) of ") for line in lines)
+
+
 def test_reporting_installs_a_log_for_the_block_only():
     lines: list[str] = []
     with reporting(lines.append):

@@ -267,12 +267,12 @@ def test_cached_result_computes_once_per_key_and_survives_corruption(tmp_path) -
 
 
 def test_long_epochs_report_progress_without_changing_training(data, monkeypatch: pytest.MonkeyPatch) -> None:
-    import surrogate.train as train_module
+    import surrogate.progress as progress
     train_data, val_data = data
     config = TrainConfig(epochs=2, batch_size=50, patience=None)
     quiet = train(_net(), train_data, val_data, TASK, config)
     lines: list[str] = []
-    monkeypatch.setattr(train_module, "PROGRESS_SECONDS", -1.0)  # report at every step after the first
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", -1.0)  # report at every step after the first
     loud = train(_net(), train_data, val_data, TASK, config, log=lines.append)
     steps = [ln for ln in lines if " step " in ln]
     assert len(steps) == 2 * (4 - 1) and steps[0].startswith("epoch   0 step 1/4 train")
