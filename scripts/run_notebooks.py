@@ -67,8 +67,12 @@ def parameters_of(nb: Path) -> set[str]:
     cells = [c for c in nbformat.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", [])]
     if not cells:
         raise SystemExit(f"{nb} has no cell tagged 'parameters'; papermill cannot set its parameters")
-    return {t.id for node in ast.parse(cells[0].source).body if isinstance(node, (ast.Assign, ast.AnnAssign))
-            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+    names: set[str] = set()
+    for node in ast.parse(cells[0].source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for t in targets:  # `a = 1`, `a: int = 1`, `a, b = 1, 2`
+            names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
 
 
 def _check_names(nb: Path, values: dict, source: str) -> None:
@@ -96,6 +100,9 @@ def _settings(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip().isidentifier():
             raise SystemExit(f"--set expects key=value with a parameter name as key, got {pair!r}")
+        if key.strip() in ("fig_dir", "out_dir"):
+            raise SystemExit(f"--set cannot change {key.strip()}: this runner writes into its staging folder and "
+                             "publishes to figures/ and paper/generated/ (run papermill directly for other folders)")
         out[key.strip()] = yaml.safe_load(value)
     return out
 

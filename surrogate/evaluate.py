@@ -189,9 +189,9 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
                         out = out if len(mc) > 1 else out.unsqueeze(0)
                         for j in range(len(mc)):
                             add(c0 + j, out[j], y)
+                        tick(c0 + len(mc) * min(n, b0 + batch_size) // n)  # a large stack: progress within it
                     if bar is not None:
                         bar.update(len(mc))
-                    tick(c0 + len(mc))
     finally:
         if bar is not None:
             bar.close()

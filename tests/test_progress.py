@@ -85,12 +85,12 @@ def test_reporting_installs_a_log_for_the_block_only():
     assert [line.split(":")[0] for line in lines] == ["inside"]
 
 
-@pytest.mark.parametrize("strategy", ["stack", "prefix"])
-def test_evaluate_masks_reports_masks_done_and_computes_the_same(net, monkeypatch, strategy):
+@pytest.mark.parametrize("strategy,per_pass", [("stack", 1), ("stack", 12), ("prefix", None)])
+def test_evaluate_masks_reports_masks_done_and_computes_the_same(net, monkeypatch, strategy, per_pass):
     model, data = net
     gated = GatedModel(build_graph(model, data.inputs[:2]))
     masks = np.random.default_rng(0).integers(0, 2, (12, gated.num_edges)).astype(np.float32)
-    kw = dict(batch_size=16, strategy=strategy, masks_per_pass=1 if strategy == "stack" else None)
+    kw = dict(batch_size=16, strategy=strategy, masks_per_pass=per_pass)  # 12 per pass: progress within one stack
     quiet = evaluate_masks(gated, masks, data, Task("classification"), **kw)
     monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.0)
     lines: list[str] = []
