@@ -44,10 +44,10 @@ def compare_file(a: Path, b: Path) -> dict:
            "text_changed": 0}
 
     def add(name: str, x: float, y: float) -> None:
-        if math.isnan(x) and math.isnan(y):
-            d = 0.0
+        if math.isnan(x) or math.isnan(y):
+            d = 0.0 if math.isnan(x) and math.isnan(y) else math.inf  # NaN against a number: a change
         else:
-            d = abs(x - y) if not (math.isnan(x) or math.isnan(y)) else math.inf
+            d = abs(x - y)
         out["numbers"] += 1
         out["changed"] += d > 0
         if d > out["max_change"]:
@@ -55,9 +55,6 @@ def compare_file(a: Path, b: Path) -> dict:
         if "spearman" in name.lower():
             out["max_change_spearman"] = max(out["max_change_spearman"], d)
 
-    if out["identical"]:
-        out["numbers"] = _count_numbers(a)
-        return out
     if a.suffix == ".csv":
         x, y = pd.read_csv(a), pd.read_csv(b)
         if x.shape != y.shape or list(x.columns) != list(y.columns):
@@ -82,15 +79,6 @@ def compare_file(a: Path, b: Path) -> dict:
             if u is not None and v is not None:
                 add(name, u, v)
     return out
-
-
-def _count_numbers(path: Path) -> int:
-    if path.suffix == ".csv":
-        x = pd.read_csv(path)
-        return int(sum(len(x) for c in x.columns if pd.api.types.is_numeric_dtype(x[c])))
-    if path.suffix == ".tex":
-        return sum(_number(v) is not None for v in _macros(path).values())
-    return 0
 
 
 def compare(old: Path, new: Path, prefix: str = "") -> pd.DataFrame:

@@ -39,17 +39,23 @@ def notebooks(root: Path, only: list[str] | None) -> list[Path]:
     return found
 
 
-def run(root: Path, nb: Path, params: Path, staging: Path, extra: dict | None = None) -> None:
+def run(root: Path, nb: Path, params: Path, staging: Path, extra: dict | None = None, one_core: bool = False) -> None:
+    """Execute one notebook with its profile and ``extra`` overrides into ``staging``. With ``one_core`` (it shares
+    the machine with other notebooks), or on an accelerator (one process drives it), its own ``workers``
+    parameter, if it has one and ``extra`` does not set it, goes to 1."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
     out = root / EXECUTED / nb.name
     out.parent.mkdir(parents=True, exist_ok=True)
     overrides = {"fig_dir": str(staging / "figures"), "out_dir": str(staging / "generated")}
-    values = {k: v for k, v in _params(params).items() if not k.startswith("_")} | (extra or {}) | overrides
-    if str(values.get("device", "cpu")).split(":")[0] != "cpu" and "workers" in values and "workers" not in (extra or {}):
-        values["workers"] = 1  # one process drives an accelerator
+    changes = dict(extra or {})
+    values = _notebook_values(_params(params)) | changes
+    accelerator = str(values.get("device", "cpu")).split(":")[0] != "cpu"
+    if (one_core or accelerator) and "workers" in values and "workers" not in changes:
+        changes["workers"] = 1
+    values |= changes | overrides
     start = time.time()
-    changed = "".join(f", {k}={v!r}" for k, v in (extra or {}).items())
+    changed = "".join(f", {k}={v!r}" for k, v in changes.items())
     print(f"\n=== {nb.stem}: running with {params.relative_to(root)}{changed} ===", flush=True)
     try:
         pm.execute_notebook(str(nb), str(out), parameters=values, cwd=str(nb.parent),
@@ -75,11 +81,19 @@ def parameters_of(nb: Path) -> set[str]:
     return names
 
 
-def _check_names(nb: Path, values: dict, source: str) -> None:
-    unknown = sorted(set(values) - parameters_of(nb))
-    if unknown:
-        raise SystemExit(f"{source} sets {unknown}, which {nb.name} has no parameter for (a typo?); its parameters: "
-                         f"{', '.join(sorted(parameters_of(nb)))}")
+def _check_names(nb: Path, settings: dict[str, dict]) -> None:
+    """Every name each source (a profile, --set) sets must be a parameter of the notebook."""
+    names = parameters_of(nb)
+    for source, values in settings.items():
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise SystemExit(f"{source} sets {unknown}, which {nb.name} has no parameter for (a typo?); its "
+                             f"parameters: {', '.join(sorted(names))}")
+
+
+def _notebook_values(profile: dict) -> dict:
+    """A profile without its runner keys (those that start with "_", e.g. _cold_minutes)."""
+    return {k: v for k, v in profile.items() if not k.startswith("_")}
 
 
 def _params(path: Path) -> dict:
@@ -105,11 +119,6 @@ def _settings(pairs: list[str]) -> dict:
                              "publishes to figures/ and paper/generated/ (run papermill directly for other folders)")
         out[key.strip()] = yaml.safe_load(value)
     return out
-
-
-def _one_core(root: Path, nb: Path) -> dict:
-    """A notebook sharing the machine with others gets one core: its own worker processes, if any, go to 1."""
-    return {"workers": 1} if "workers" in _params(root / "notebooks" / "params" / f"{nb.stem}.yaml") else {}
 
 
 def _cold_minutes(root: Path, nb: Path) -> float:
@@ -152,8 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
     for nb in todo:  # before anything runs: a misspelt parameter would be injected and silently ignored
         params = root / "notebooks" / "params" / f"{nb.stem}.yaml"
-        _check_names(nb, {k: v for k, v in _params(params).items() if not k.startswith("_")}, str(params.relative_to(root)))
-        _check_names(nb, extra, "--set")
+        _check_names(nb, {str(params.relative_to(root)): _notebook_values(_params(params)), "--set": extra})
     shutil.rmtree(staging, ignore_errors=True)  # only once the run can start: the last staged outputs stay till then
     start = time.time()
     if args.jobs == 1 or len(todo) == 1:
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             with ProcessPoolExecutor(max_workers=args.jobs) as pool:
                 futures = [pool.submit(run, root, nb, root / "notebooks" / "params" / f"{nb.stem}.yaml", staging,
-                                       _one_core(root, nb) | extra) for nb in todo]
+                                       extra, one_core=True) for nb in todo]
                 failed = []
                 for fut in futures:
                     try:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator
 
-__all__ = ["PROGRESS_SECONDS", "Ticker", "reporting"]  # and _duration, for train's own lines
+__all__ = ["PROGRESS_SECONDS", "Ticker", "reporting"]
 
 PROGRESS_SECONDS = 300.0  # a long phase reports this often
 
@@ -56,6 +56,10 @@ class Ticker:
         if now - self.last < self.every:
             return
         self.last = now
-        spent = now - self.start
+        self.log(f"{self.what}: {done}/{self.total} {self.timing(done)}")
+
+    def timing(self, done: int, note: str = "") -> str:
+        """"(time so far, ~time left<note>)" after ``done`` of ``total`` units."""
+        spent = time.monotonic() - self.start
         left = spent * (self.total - done) / done
-        self.log(f"{self.what}: {done}/{self.total} ({_duration(spent)} so far, ~{_duration(left)} left)")
+        return f"({_duration(spent)} so far, ~{_duration(left)} left{note})"

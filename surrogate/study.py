@@ -21,9 +21,8 @@ import torch
 from .data import TeacherTaskConfig, make_teacher_task
 from .evaluate import Subset, Task
 from .experiment import ExperimentConfig, GraphOptions, MaskFamily, run_experiment
-from . import progress as _progress_settings
 from .models import Block, RandomGraphConfig, RandomGraphNet
-from .progress import Ticker
+from . import progress as _progress_settings  # PROGRESS_SECONDS read when a study runs
 from .train import TrainConfig, cached_model, cached_result, train
 
 __all__ = ["StudyConfig", "run_graph", "run_study", "PROTOCOLS", "study_network"]
@@ -140,7 +139,7 @@ def _progress(it, total: int, show: bool):
     if not show:
         yield from it
         return
-    tick = Ticker("graphs", total, lambda line: print(line, flush=True), every=min(60.0, _progress_settings.PROGRESS_SECONDS))
+    tick = _progress_settings.Ticker("graphs", total, lambda line: print(line, flush=True), every=min(60.0, _progress_settings.PROGRESS_SECONDS))
     for done, item in enumerate(it, 1):
         yield item
         tick(done)

@@ -23,7 +23,6 @@ import torch.nn as nn
 from .evaluate import Subset, Task
 from .paths import atomic_path, cache_root
 from . import progress as _progress  # train(log=...) reports every progress.PROGRESS_SECONDS within an epoch
-from .progress import _duration
 
 __all__ = ["set_seed", "TrainConfig", "TrainResult", "lr_schedule", "train", "config_hash", "cached_model", "cached_result",
            "default_cache_dir", "finetune"]
@@ -160,13 +159,9 @@ def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, co
     keep_best = config.keep == "best"
     best = (float("inf"), -1, copy.deepcopy(model.state_dict()) if keep_best else None)
     history: list[dict[str, float]] = []
-    last_report = started = time.monotonic()
-    total_steps = config.epochs * steps_per_epoch
+    last_report = time.monotonic()
+    clock = _progress.Ticker("training steps", config.epochs * steps_per_epoch)  # its estimates of the time left
     bound = " at most" if config.patience is not None else ""  # early stopping may end it sooner
-
-    def timing(steps_done: int) -> str:
-        spent = time.monotonic() - started
-        return f"({_duration(spent)} so far, ~{_duration(spent * (total_steps - steps_done) / steps_done)} left{bound})"
 
     for epoch in range(config.epochs):
         model.train()
@@ -175,7 +170,7 @@ def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, co
             if log is not None and time.monotonic() - last_report > _progress.PROGRESS_SECONDS and count:
                 last_report = time.monotonic()  # long epochs (language models): a line every few minutes
                 log(f"epoch {epoch:3d} step {step}/{steps_per_epoch} train {total / count:.4f} "
-                    f"{timing(epoch * steps_per_epoch + step)}")
+                    f"{clock.timing(epoch * steps_per_epoch + step, bound)}")
             x, y = train_data.inputs[b].to(device), train_data.targets[b].to(device)
             if augment is not None:
                 x = augment(x, gen)
@@ -198,7 +193,7 @@ def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, co
         history.append({"epoch": epoch, "train_loss": total / count, "val_loss": val_loss, "val_acc": val_acc})
         if log is not None:
             log(f"epoch {epoch:3d} train {total / count:.4f} val {val_loss:.4f} acc {val_acc:.4f} "
-                f"{timing((epoch + 1) * steps_per_epoch)}")
+                f"{clock.timing((epoch + 1) * steps_per_epoch, bound)}")
         if val_loss < best[0]:
             best = (val_loss, epoch, copy.deepcopy(model.state_dict()) if keep_best else None)
         elif config.patience is not None and epoch - best[1] >= config.patience:
