@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .evaluate import Subset, Task
+from .checkpoints import retraining, shipped_path
 from .paths import atomic_path, cache_root
 from . import progress as _progress  # train(log=...) reports every progress.PROGRESS_SECONDS within an epoch
 
@@ -289,7 +290,8 @@ def cached_model(key: tuple, build: Callable[[], nn.Module], fit: Callable[[nn.M
                  init_seed: int | None = None) -> tuple[nn.Module, dict]:
     """Return ``build()`` with weights trained by ``fit`` -- or loaded from ``<cache>/<kind>/<hash>.pt``.
 
-    ``key`` holds every config that determines the weights. ``build`` runs under ``set_seed(init_seed)``
+    A checkpoint shipped with the project (``surrogate.checkpoints``: ``<project>/checkpoints/<kind>/<hash>.pt``)
+    comes first, unless ``$SURROGATE_RETRAIN`` is set. ``key`` holds every config that determines the weights. ``build`` runs under ``set_seed(init_seed)``
     (default: a seed derived from the key), so the initial weights never depend on what the process did
     before. ``fit`` may return a dict of metadata (saved with the weights). A checkpoint that cannot be read
     is reported, deleted and retrained; a new one is written atomically.
@@ -302,6 +304,12 @@ def cached_model(key: tuple, build: Callable[[], nn.Module], fit: Callable[[nn.M
         return build()
 
     model = seeded_build()
+    shipped = shipped_path(kind, path.name)
+    if not retraining() and shipped.exists():  # a tracked checkpoint of the paper (surrogate.checkpoints)
+        blob = torch.load(shipped, map_location="cpu", weights_only=True)
+        model.load_state_dict(blob["state_dict"])  # copies (and casts bfloat16 weights) into the built model
+        model.eval()
+        return model, blob.get("meta", {})
     if path.exists():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
