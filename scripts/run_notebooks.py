@@ -7,8 +7,9 @@ Every notebook ``notebooks/NN_name.ipynb`` is executed by papermill with ``noteb
 (the paper profile), writing its figures and tables into a staging folder (``build/staging``) instead of
 ``figures/`` and ``paper/generated/``; its cells' output streams to the terminal (progress, which study and
 model, time estimates). Only when every notebook succeeded are the staged files copied over the committed
-ones (each file replaced atomically); a failure names the notebook and cell and leaves every committed
-figure, table and macro exactly as it was. The executed notebooks are kept in ``build/executed``.
+ones, all or nothing: both folders are swapped for complete new copies, with a journal, so that an interrupt
+is completed by the next run (or ``--recover``); a failure names the notebook and cell and leaves every
+committed figure, table and macro exactly as it was. The executed notebooks are kept in ``build/executed``.
 With ``--jobs N`` up to N notebooks run at once, each kernel pinned to one thread and a notebook's own
 ``workers`` parameter set to 1 (one core per notebook; their output interleaves, each line of a notebook's own
 log is in its executed copy); the longest notebooks start first, by the ``_cold_minutes`` estimate in their
@@ -18,6 +19,7 @@ profile (keys that start with ``_`` are for this runner and are not passed to th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -59,7 +61,7 @@ def run(root: Path, nb: Path, params: Path, staging: Path, extra: dict | None = 
     print(f"\n=== {nb.stem}: running with {params.relative_to(root)}{changed} ===", flush=True)
     try:
         pm.execute_notebook(str(nb), str(out), parameters=values, cwd=str(nb.parent),
-                            log_output=True, progress_bar=False, stdout_file=sys.stdout, stderr_file=sys.stderr)
+                            progress_bar=False, stdout_file=sys.stdout, stderr_file=sys.stderr)  # each line once
     except PapermillExecutionError as exc:
         raise SystemExit(f"\n{nb.stem} failed in cell {exc.exec_count} ({exc.ename}: {exc.evalue}); the executed "
                          f"notebook is {out}. Nothing was published: figures/ and paper/generated/ are unchanged.")
@@ -128,17 +130,73 @@ def _cold_minutes(root: Path, nb: Path) -> float:
     return float(value)
 
 
+# Publishing is all or nothing across figures/ and paper/generated/: complete new copies of both folders are
+# built beside them (<folder>.publish-new), a journal is written, and each folder is swapped in by two renames
+# (folder -> <folder>.publish-old, <folder>.publish-new -> folder). A journal on disk means the new copies are
+# complete, so an interrupted swap is rolled forward (by the next run, or `--recover`); new copies without a
+# journal were interrupted while being built and are deleted: the committed folders were not touched yet.
+JOURNAL = Path(".publish-journal.json")
+NEW, OLD = ".publish-new", ".publish-old"
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.rename(src, dst)  # one place, so a test can interrupt the swap in the middle
+
+
+def _sides(root: Path) -> list[tuple[Path, Path, Path]]:
+    """(folder, its new copy, its old copy) for every published folder."""
+    return [(root / t, root / f"{t}{NEW}", root / f"{t}{OLD}") for t in TARGETS.values()]
+
+
+def _roll_forward(root: Path) -> None:
+    """Finish a journaled swap; each step is a rename or a removal, so this is safe to repeat after any interrupt."""
+    for target, new, old in _sides(root):
+        if new.exists():
+            if target.exists():
+                _rename(target, old)
+            _rename(new, target)
+    for _, _, old in _sides(root):
+        shutil.rmtree(old, ignore_errors=True)
+    (root / JOURNAL).unlink()
+
+
+def recover(root: Path) -> str | None:
+    """Finish or undo a publish that was interrupted; returns what was done (None: nothing to do)."""
+    if (root / JOURNAL).exists():
+        _roll_forward(root)
+        return "an interrupted publish was completed (rolled forward): figures/ and paper/generated/ are the new ones"
+    leftovers = [p for _, new, old in _sides(root) for p in (new, old) if p.exists()]
+    for target, _, old in _sides(root):
+        if old.exists() and not target.exists():  # cannot happen through this runner; never lose a folder
+            _rename(old, target)
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+    return ("an interrupted publish was undone (its partial copies removed): figures/ and paper/generated/ are "
+            "unchanged") if leftovers else None
+
+
 def publish(root: Path, staging: Path) -> int:
-    """Copy every staged file over its committed counterpart, each replaced atomically."""
+    """Replace figures/ and paper/generated/ by copies with every staged file added or replaced, all or nothing."""
     sys.path.insert(0, str(root))
-    from surrogate.paths import atomic_path
+    from surrogate.paths import atomic_write
+    recover(root)
     count = 0
-    for kind, target in TARGETS.items():
+    for (kind, _), (target, new, _) in zip(TARGETS.items(), _sides(root)):
+        if target.exists():
+            shutil.copytree(target, new)  # files this run did not write stay, with their times
+        else:
+            new.mkdir(parents=True)
         for src in sorted((staging / kind).glob("*")):
             if src.is_file():
-                with atomic_path(root / target / src.name) as tmp:
-                    shutil.copyfile(src, tmp)
+                shutil.copyfile(src, new / src.name)
                 count += 1
+    atomic_write(root / JOURNAL, json.dumps({"swap": [str(t) for t in TARGETS.values()]}) + "\n")
+    try:
+        _roll_forward(root)
+    except BaseException:
+        print(f"\npublishing was interrupted; `python scripts/run_notebooks.py --recover` (or the next run) "
+              f"completes it from {JOURNAL}", file=sys.stderr, flush=True)
+        raise
     return count
 
 
@@ -152,8 +210,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="override a parameter of every notebook run (value read as YAML), e.g. device=cuda")
     ap.add_argument("--staging", default=str(STAGING),
                     help="staging folder, relative to the root (give two runs of --only in parallel their own)")
+    ap.add_argument("--recover", action="store_true",
+                    help="only complete (or undo) an interrupted publish, then stop")
     args = ap.parse_args(argv)
     root = Path(args.root).resolve()
+    done = recover(root)
+    if done or args.recover:
+        print(done or "nothing to recover: no publish was interrupted", flush=True)
+    if args.recover:
+        return
     staging = root / args.staging
     todo = notebooks(root, args.only)
     extra = _settings(args.set)

@@ -65,6 +65,7 @@ def test_success_publishes_every_staged_file(tmp_path, jobs):
     assert (root / "paper" / "generated" / "02_b.tex").read_text() == "new 7"
     assert sorted(p.name for p in (root / "figures").iterdir()) == ["01_a.pdf", "02_b.pdf"]
     assert (root / "build" / "executed" / "02_b.ipynb").is_file()
+    assert not (root / _runner().JOURNAL).exists() and not list(root.glob("**/*.publish-*"))  # nothing left beside
 
 
 def test_set_overrides_a_parameter_and_runner_keys_stay_out_of_the_notebook(tmp_path):
@@ -132,3 +133,60 @@ def test_a_misspelt_parameter_stops_the_run_before_anything_runs(tmp_path, where
     with pytest.raises(SystemExit, match=r"sets \['valeu'\], which .* has no parameter"):
         _runner().main(args)
     assert not (root / "build" / "executed").exists()
+
+
+def _published(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() for d in ("figures", "paper/generated")
+            for p in sorted((root / d).iterdir())}
+
+
+@pytest.mark.parametrize("interrupted_rename", [1, 2, 3, 4])
+def test_an_interrupted_swap_is_rolled_forward_by_the_next_run(tmp_path, monkeypatch, interrupted_rename):
+    """The swap renames figures/ aside, the new copy in, then the same for paper/generated/; an interrupt at any
+    of the four renames leaves a journal, and the next run completes the publish: every new file, the files the
+    run did not write kept, no copies left beside the folders."""
+    root = _project(tmp_path, fail_last=False)
+    (root / "figures" / "kept.pdf").write_text("kept")
+    runner = _runner()
+    real, calls = runner._rename, []
+
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == interrupted_rename:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(runner, "_rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        runner.main(["--root", str(root)])
+    assert (root / runner.JOURNAL).exists()
+    if interrupted_rename == 3:  # a mix on disk until the next run: figures/ new, paper/generated/ old
+        assert (root / "figures" / "01_a.pdf").exists() and (root / "paper/generated/01_a.tex").read_text() == "old"
+    monkeypatch.setattr(runner, "_rename", real)
+    runner.main(["--root", str(root), "--recover"])
+    assert _published(root) == {"figures/01_a.pdf": "figure", "figures/02_b.pdf": "figure", "figures/kept.pdf": "kept",
+                                "paper/generated/01_a.tex": "new 7", "paper/generated/02_b.tex": "new 7"}
+    assert sorted(p.name for p in root.iterdir()) == ["build", "figures", "notebooks", "paper", "pyproject.toml"]
+    assert sorted(p.name for p in (root / "paper").iterdir()) == ["generated"]
+
+
+def test_an_interrupt_while_copying_leaves_the_committed_folders_untouched(tmp_path, monkeypatch, capsys):
+    root = _project(tmp_path, fail_last=False)
+    runner = _runner()
+    real = runner.shutil.copyfile
+
+    def copyfile(src, dst, **kw):
+        if Path(src).parent.name == "generated" and "staging" in str(src):
+            raise KeyboardInterrupt
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(runner.shutil, "copyfile", copyfile)
+    with pytest.raises(KeyboardInterrupt):
+        runner.main(["--root", str(root)])
+    monkeypatch.setattr(runner.shutil, "copyfile", real)
+    assert _published(root) == {"paper/generated/01_a.tex": "old"}
+    assert not (root / runner.JOURNAL).exists() and (root / "figures.publish-new").exists()
+    runner.main(["--root", str(root), "--recover"])
+    assert "undone" in capsys.readouterr().out
+    assert not (root / "figures.publish-new").exists() and not (root / "paper" / "generated.publish-new").exists()
+    assert _published(root) == {"paper/generated/01_a.tex": "old"}
