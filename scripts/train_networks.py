@@ -32,15 +32,16 @@ CIFAR_EPOCHS = 50
 LM = {4: dict(n_layer=4, n_head=4, n_embd=256), 12: dict(n_layer=12, n_head=4, n_embd=160)}
 
 
-def cifar(seed: int, log) -> tuple[str, dict, object, dict, str]:
+def cifar(seed: int, epochs: int, log) -> tuple[str, dict, object, dict, str]:
     from surrogate.cifar import PAPER_TRAINING, CifarConfig, _source, cifar_resnet, cifar_splits
     cfg = CifarConfig(depth=20, n_val=5000, n_score=500, n_train=None)
-    training = replace(PAPER_TRAINING, epochs=CIFAR_EPOCHS, device="cpu")
+    training = replace(PAPER_TRAINING, epochs=epochs, device="cpu")
     splits = cifar_splits(cfg)
     model, meta = cifar_resnet(cfg, training, seed=seed, splits=splits, log=log)
     loss, acc = _evaluate(model, splits["test"], Task("classification"))
     key = (cfg, replace(training, seed=seed), {"data": _source(None)})
-    return f"cifar_resnet20_seed{seed}", {"test_acc": acc, "test_loss": loss, "test_images": len(splits["test"])}, \
+    suffix = "" if epochs == CIFAR_EPOCHS else f"_{epochs}ep"
+    return f"cifar_resnet20_seed{seed}{suffix}", {"test_acc": acc, "test_loss": loss, "test_images": len(splits["test"])}, \
         key, meta, "cifar_resnet"
 
 
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("study", choices=["cifar", "lm"])
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--layers", type=int, default=12, choices=sorted(LM))
+    ap.add_argument("--epochs", type=int, default=CIFAR_EPOCHS, help="CIFAR only (development networks may be shorter)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--check", action="store_true", help="retrain into the cache and compare with the manifest")
     args = ap.parse_args()
@@ -68,7 +70,7 @@ def main() -> None:
         os.environ[RETRAIN_ENV] = "1"
     log = lambda m: print(m, flush=True)  # noqa: E731
     start = time.time()
-    name, metrics, key, meta, kind = cifar(args.seed, log) if args.study == "cifar" else lm(args.seed, args.layers, log)
+    name, metrics, key, meta, kind = cifar(args.seed, args.epochs, log) if args.study == "cifar" else lm(args.seed, args.layers, log)
     minutes = (time.time() - start) / 60
     print(name, {k: round(v, 4) for k, v in metrics.items()}, f"{minutes:.1f} min", flush=True)
     if args.check:
