@@ -17,7 +17,7 @@ from surrogate.gating import GatedModel
 from surrogate.masks import prior_design
 from surrogate.metrics import spearman
 from surrogate.readout import find_readout
-from surrogate.scorers import Context, Measured
+from surrogate.methods import Context, Measured
 from surrogate.surrogates import SuperpositionSurrogate
 
 BRANCHES = r"bn2 ->"

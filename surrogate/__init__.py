@@ -12,14 +12,17 @@ The names a user needs, in the order of use::
     auto_prune(model, scoring, task, Budget(edges=3))      # all of the above in one call
     run_experiment(model, scoring, evaluation, task, ExperimentConfig(...))   # the studies' protocol
 """
+# the method modules register their methods in METHODS on import; this order is the registry's order
+from . import scorers  # noqa: F401,I001  (the classic zero-shot scorers)
+from . import surrogates  # noqa: F401  (fitted surrogates of prior work, then this project's methods)
+from . import baselines  # noqa: F401  (the field's criteria)
 from .evaluate import MaskEval, Subset, Task, evaluate_masks
 from .experiment import ExperimentConfig, GraphOptions, MaskFamily, run_experiment
 from .gating import GatedModel, check_mask, prune
 from .graph import ComputationGraph, TraceError, build_graph
 from .masks import prior_design
-from .methods import METHODS, fit_method, register_method
+from .methods import METHODS, Context, Measured, fit_method, register_method
 from .pruning import Budget, auto_prune, select_mask
-from .scorers import Context, Measured
 
 __all__ = ["build_graph", "ComputationGraph", "TraceError", "GatedModel", "check_mask", "prune",
            "Subset", "Task", "MaskEval", "evaluate_masks", "prior_design", "Measured", "Context",

@@ -40,13 +40,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .evaluate import evaluate_masks, measuring
+from .evaluate import evaluate_masks
 from .gating import prune
 from .graph import MERGE_OPS, ComputationGraph, Edge, run_nodes
-from .methods import Method, register_method
+from .measuring import measuring
+from .methods import AdditivePredictor, Context, Method, register_method
 from .metrics import kendall
 from .progress import Ticker
-from .scorers import AdditivePredictor, Context
 
 __all__ = ["edge_similarities", "exclusive_sums", "taylor_plus_scores", "synflow_scores", "sleb_order",
            "bonsai_masks", "ridge_cv", "residual_chain", "angular_distances", "angular_window",

@@ -1,7 +1,6 @@
 """Ground truth: the loss S(m) (and accuracy / perplexity) of the gated model under each mask."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,26 +13,11 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .gating import _GATES_ATTR, GatedModel, check_mask, gate_indices
+from .measuring import measuring
 from .progress import Ticker
 
 __all__ = ["Task", "Subset", "MaskEval", "evaluate_masks", "default_masks_per_pass", "measuring",
            "MAX_PASS_ELEMENTS"]
-
-
-@contextlib.contextmanager
-def measuring(*modules: torch.nn.Module) -> Iterator[None]:
-    """Every submodule of ``modules`` in eval mode for the duration; afterwards each one gets back its own
-    ``training`` flag (not the parent's: ``module.train(flag)`` would overwrite a BatchNorm that its owner
-    had frozen in eval mode). Measurements run inside this, so they never update running statistics or
-    draw dropout masks, whatever mode the caller left the model in."""
-    saved = [(m, m.training) for root in modules for m in root.modules()]
-    for m, _ in saved:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,10 @@ from .evaluate import MaskEval, Subset, Task, evaluate_masks
 from .gating import GatedModel
 from .graph import ComputationGraph, Edge, Vertex, build_graph
 from .masks import bernoulli_masks, exhaustive_masks, mask_text, prior_design, sparsity_masks, unique_rows
-from .methods import METHODS, fit_method, measure_design, method_names
+from .methods import METHODS, Context, Measured, Predictor, fit_method, measure_design, method_names
 from .metrics import evaluate_predictions, spearman
 from .progress import reporting
 from .pruning import Budget, select_mask
-from .scorers import Context, Measured, Predictor
 
 __all__ = ["MaskFamily", "GraphOptions", "ExperimentConfig", "GraphView", "ExperimentResult", "run_experiment",
            "within_k_spearman"]
@@ -148,7 +147,7 @@ class ExperimentConfig:
 @dataclass(frozen=True)
 class GraphView:
     """A picklable view of a computation graph (vertices and edges, no traced module): enough to draw it
-    (``surrogate.plotting.draw_graph`` accepts it) and to name its edges."""
+    (``surrogate.plotting.draw_graph(view)``) and to name its edges."""
     vertices: list[Vertex]
     edges: list[Edge]
     prunable: list[Edge]
@@ -164,11 +163,6 @@ class GraphView:
     @property
     def edge_names(self) -> list[str]:
         return [e.name for e in self.prunable]
-
-    def draw(self, **kw: Any):
-        from .plotting import draw_graph
-        return draw_graph(self, **kw)
-
 
 @dataclass
 class ExperimentResult:

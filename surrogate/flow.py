@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .evaluate import measuring
 from .graph import ComputationGraph, _canonical_op, run_nodes
+from .measuring import measuring
 
 __all__ = ["FlowStructure", "measure_shares"]
 

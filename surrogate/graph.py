@@ -24,6 +24,8 @@ import torch.nn as nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils import _pytree as pytree
 
+from .measuring import measuring
+
 __all__ = ["Vertex", "Edge", "HeadSplit", "ComputationGraph", "TraceError", "build_graph", "trace"]
 
 
@@ -286,12 +288,6 @@ class ComputationGraph:
     def __repr__(self) -> str:
         return self.summary()
 
-    def draw(self, ax=None, importances: Sequence[float] | None = None, label_vertices: bool = True,
-             label: Callable[[str], str] | None = None):
-        """A layered drawing of the graph (see surrogate.plotting.draw_graph)."""
-        from .plotting import draw_graph
-        return draw_graph(self, ax=ax, importances=importances, label_vertices=label_vertices, label=label)
-
 
 # ----------------------------------------------------------------------------------------------------
 # building
@@ -321,7 +317,7 @@ def run_nodes(module: fx.GraphModule, inputs: Sequence[Any], hook: Callable[[fx.
     """Run a traced graph node by node: ``hook(node, compute)`` is called for every node, must call
     ``compute()`` (which runs the node) and return its value -- so it can record values, measure the cost
     of each node or stop early by raising. Returns the graph's output. The caller chooses grad and module
-    modes (measurements wrap it in ``surrogate.evaluate.measuring``)."""
+    modes (measurements wrap it in ``surrogate.measuring.measuring``)."""
     class _Hooked(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             return hook(n, lambda: super(_Hooked, self).run_node(n))
@@ -408,7 +404,6 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
         ``edges`` and, whatever ``edges=`` chose, among the prunable edges); removing every head of a
         projection cuts that path.
     """
-    from .evaluate import measuring  # (evaluate imports gating, which imports this module)
     inputs = _as_tuple(example_inputs)
     with measuring(model):  # tracing runs the model: never in training mode (BatchNorm statistics, dropout)
         gm, used = trace(model, inputs, tracer)

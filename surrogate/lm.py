@@ -17,7 +17,8 @@ from typing import Any, Callable
 import torch
 
 from .data import data_cache_dir, load_gpt2_tokenizer, load_wikitext2, resolve_data_dir
-from .evaluate import Subset, Task, measuring
+from .evaluate import Subset, Task
+from .measuring import measuring, model_device
 from .models import CausalLMLogits
 from .paths import atomic_path
 from .train import TrainConfig, cached_model, train
@@ -140,7 +141,7 @@ def gpt2_lm(config: LMConfig, training: TrainConfig = PAPER_LM_TRAINING, seed: i
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, data: Subset, batch_size: int = 16) -> float:
     """exp(mean next-token loss) over the blocks of ``data`` (every block predicts block_size - 1 tokens)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     total = 0.0
     with measuring(model):
         for b0 in range(0, len(data), batch_size):

@@ -8,10 +8,12 @@ the theme's fonts are 8 pt, so text stays readable when a figure is included at 
 from __future__ import annotations
 
 import textwrap
-
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from .methods import METHODS
+from .methods import label as default_label
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,7 +40,6 @@ def set_theme() -> None:
 def method_palette(methods: Sequence[str]) -> dict[str, Any]:
     """One colour per method, stable across figures: ours in strong colours first, baselines after."""
     import seaborn as sns
-    from .methods import METHODS
     colours = sns.color_palette("tab10", 10) + sns.color_palette("Set2", 8)
     ranked = sorted(methods, key=lambda m: (not (m in METHODS and METHODS[m].ours), list(METHODS).index(m)
                                            if m in METHODS else len(METHODS)))
@@ -55,7 +56,6 @@ def lines(df: "pd.DataFrame", x: str, y: str, methods: Sequence[str], *, panel: 
     (and ``panel``) drawn as a dashed black line (e.g. the oracle). Returns the figure."""
     import matplotlib.pyplot as plt
     import seaborn as sns
-    from .methods import METHODS, label as default_label
     labels = labels or default_label
     values = list(panels) if panels is not None else (sorted(df[panel].unique()) if panel else [None])
     if len(values) > max_panels:
@@ -96,7 +96,6 @@ def scatter_grid(predictions: Mapping[str, np.ndarray], truth: np.ndarray, metho
     """Predicted against true loss, one panel per method (methods with a constant prediction are left out:
     an empty panel says nothing). ``rho``: a correlation shown in each title. Returns the figure."""
     import matplotlib.pyplot as plt
-    from .methods import label as default_label
     labels = labels or default_label
     shown = [m for m in methods if m in predictions and np.ptp(np.asarray(predictions[m])) > 0][:max_panels]
     if not shown:

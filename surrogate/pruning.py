@@ -10,12 +10,12 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .evaluate import Subset, Task, measuring
+from .evaluate import Subset, Task
 from .gating import GatedModel, prune
 from .graph import ComputationGraph, HeadSplit, build_graph, run_nodes
 from .masks import prior_design, sparsity_masks
-from .methods import METHODS, fit_method, measure_design
-from .scorers import AdditivePredictor, Context, Predictor
+from .measuring import measuring
+from .methods import METHODS, AdditivePredictor, Context, Predictor, fit_method, measure_design
 
 __all__ = ["Budget", "CostModel", "select_mask", "PruneResult", "auto_prune"]
 

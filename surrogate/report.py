@@ -14,7 +14,7 @@ import pandas as pd
 
 from .methods import METHODS, label, method_names
 from .metrics import paired_test
-from .paper import format_mean_std
+from .paper import fmt, format_mean_std, macro_name
 
 __all__ = ["summarize", "wide_table", "paired_comparison", "macros_from", "ordered", "ours", "baselines"]
 
@@ -109,7 +109,6 @@ def macros_from(df: pd.DataFrame, prefix: str, keys: Sequence[str], value: str, 
     """One macro per row of ``df``: name = ``macro_name(prefix, *row[keys])`` (each key's value passed
     through ``names[key]`` if given, e.g. a size -> "Small"), value = ``fmt(row[value] * scale, digits)``.
     Rows must give distinct names (``KeyError`` otherwise)."""
-    from .paper import fmt, macro_name
     names = names or {}
     out: dict[str, object] = {}
     cols = {k: df[k].tolist() for k in [*keys, value]}  # per column: ints stay ints (iterrows upcasts)

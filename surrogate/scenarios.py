@@ -10,7 +10,9 @@ fine-tuning config, a fingerprint of the weights and of the data, and the caller
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -22,6 +24,8 @@ from .evaluate import Subset, Task
 from .gating import GatedModel, prune
 from .graph import ComputationGraph, build_graph
 from .masks import mask_text
+from .methods import Context, fit_method, measure_design
+from .pruning import Budget, select_mask
 from .train import _evaluate, cached_result, finetune, set_seed
 
 __all__ = ["FinetuneConfig", "finetune_masks", "linear_probe", "method_picks", "mask_text"]
@@ -117,11 +121,6 @@ def method_picks(model: nn.Module | ComputationGraph, scoring: Subset, task: Tas
     regex ``allowed``; default all), from the prior design measured once on ``scoring`` -- the experiment
     protocol's fitting and search without its truth (e.g. importance estimated on a source task, to be
     transferred). Picks keep an input->output path. Returns {(method, budget): mask}."""
-    import re
-
-    from .methods import fit_method, measure_design
-    from .pruning import Budget, select_mask
-    from .scorers import Context
     graph = model if isinstance(model, ComputationGraph) else build_graph(model, scoring.inputs[:2])
     gated = GatedModel(graph)
     removable = np.array([allowed is None or re.search(allowed, n) is not None for n in graph.edge_names])
@@ -145,7 +144,6 @@ def linear_probe(model: nn.Module, train: Subset, config: FinetuneConfig = Finet
     """A copy of ``model`` with a fresh linear layer at ``head`` (``num_outputs`` outputs; default: as many
     classes as ``train`` has) trained for ``config.steps`` steps on ``train`` while every other weight stays
     frozen: the source network read out for a target task, so importance can be estimated on target data."""
-    import copy
     probe = copy.deepcopy(model).to(device)
     n = int(train.targets.max()) + 1 if num_outputs is None else num_outputs
     for p in probe.parameters():

@@ -1,4 +1,4 @@
-"""Surrogate models: mask -> predicted loss, fitted on K measured masks.
+"""Surrogate models: mask -> predicted loss, each registered once.
 
 One interface: ``Surrogate(ctx, **hparams).fit(measured)`` (a ``Measured``: masks and their losses, and
 outputs where a surrogate needs them; default: ``ctx.measured``), ``predict(masks)``, ``importance`` (the
@@ -9,13 +9,16 @@ them by name, with the scorers.
 - "fcn": a small MLP on m.
 - "prior_graph": the published graph surrogate, implemented as described (softmax over out-edges,
   unit flow from the inputs, MSE on 1 - minmax(loss)).
+- "flow": this project's zero-shot model: the information flow measured in one pass (see FlowPredictor).
 - "graph_flow": a graph surrogate on the measured flow with a learned readout (see GraphFlowSurrogate).
 - "superposition": this project's surrogate: measured output changes superposed along the graph
-  (see SuperpositionSurrogate).
+  (see SuperpositionSurrogate); "superposition_state" at the readout state, "superposition_pairs" with the
+  measured interactions of pairs.
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -23,12 +26,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .evaluate import evaluate_masks
 from .flow import FlowStructure
+from .graph import ComputationGraph
+from .measuring import measuring, model_device
+from .methods import Context, Measured, Method, Predictor, _as_masks, register_method
 from .progress import Ticker
-from .scorers import Context, Measured, Predictor, _as_masks
+from .readout import Tail, find_readout
 
-__all__ = ["Surrogate", "LinearSurrogate", "MLPSurrogate", "PriorGraphSurrogate",
-           "GraphFlowSurrogate", "SuperpositionSurrogate"]
+__all__ = ["Surrogate", "LinearSurrogate", "MLPSurrogate", "PriorGraphSurrogate", "FlowPredictor",
+           "GraphFlowSurrogate", "SuperpositionSurrogate", "pair_candidates"]
 
 
 class Surrogate(Predictor):
@@ -180,6 +187,37 @@ class PriorGraphSurrogate(Surrogate):
 
 
 # ----------------------------------------------------------------------------------------------------
+# this project's zero-shot flow
+
+@dataclass
+class FlowPredictor(Predictor):
+    """1 - F_output(m): the fraction of the measured information flow that no longer reaches the output."""
+    name: str
+    graph: ComputationGraph
+    shares: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.structure = FlowStructure.from_graph(self.graph, weights=self.shares)
+
+    def predict(self, masks: np.ndarray) -> np.ndarray:
+        m = torch.tensor(_as_masks(masks, self.graph.num_prunable), dtype=torch.float32)
+        with torch.no_grad():
+            return 1.0 - self.structure.flow(m).double().numpy()
+
+    @property
+    def importance(self) -> np.ndarray:
+        e = self.graph.num_prunable
+        return self.predict(1 - np.eye(e))
+
+
+
+
+def flow_scorer(ctx: Context) -> Predictor:
+    # zero-shot: merge shares measured in one pass, propagated through the graph (surrogate.flow)
+    return FlowPredictor("flow", ctx.graph, ctx.shares())
+
+
+# ----------------------------------------------------------------------------------------------------
 # this project's graph surrogate
 
 class GraphFlowSurrogate(Surrogate):
@@ -310,13 +348,11 @@ class SuperpositionSurrogate(Surrogate):
         self.tail = None
         node = self.readout
         if node == "auto":
-            from .readout import find_readout
             node = find_readout(self.ctx.gated)
         self.node = node
         if node is None:
             self.y1, self.dy = self.ctx.single_edge_outputs()
         else:
-            from .readout import Tail
             self.y1, self.dy, self.state_dtype = self.ctx.single_edge_states(node)
             self.tail = Tail(self.ctx.gated, node)
         self.flow = FlowStructure.from_graph(self.ctx.graph, weights=self.ctx.shares())
@@ -333,7 +369,6 @@ class SuperpositionSurrogate(Surrogate):
     def _fit_pairs(self) -> None:
         """Measure every pair of removable edges removed together (one pass each over the scoring subset)
         and keep the part of its measured state that the superposition misses: the pair's interaction."""
-        from .evaluate import evaluate_masks
         idx = pair_candidates(self.ctx)
         if len(idx) == 0:
             return
@@ -409,11 +444,45 @@ class SuperpositionSurrogate(Surrogate):
         """Mean loss of superposed outputs, or of the outputs the true tail computes from superposed states."""
         if self.tail is None:
             return float(self.ctx.task.per_sample(y, targets)[0].mean())
-        from .evaluate import measuring
         inputs, bs, total = self.ctx.scoring.inputs, self.ctx.batch_size, 0.0
-        dev = next(self.ctx.gated.parameters(), torch.zeros(0)).device  # states are kept on the CPU
+        dev = model_device(self.ctx.gated)  # states are kept on the CPU
         with measuring(self.ctx.gated):
             for b0 in range(0, len(y), bs):
                 o = self.tail(y[b0:b0 + bs].to(dev, self.state_dtype), inputs[b0:b0 + bs].to(dev))
                 total += float(self.ctx.task.per_sample(o, targets[b0:b0 + bs].to(dev))[0].double().sum())
         return total / len(y)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the registry's entries: the prior work's surrogates, then this project's methods
+
+def _surrogate(cls: type) -> Callable[[Context], Predictor]:
+    return lambda ctx: cls(ctx).fit(ctx.measured)
+
+
+def _fitted(extra: int = 0) -> Callable[[int, int], tuple[int, int]]:
+    return lambda e, k: (k + extra, 0)
+
+
+for _m in (
+    Method("linear", "Linear regression", _surrogate(LinearSurrogate), _fitted(), fitted=True),
+    Method("fcn", "FCN", _surrogate(MLPSurrogate), _fitted(), fitted=True),
+    Method("prior_graph", "Graph (prior)", _surrogate(PriorGraphSurrogate), _fitted(), fitted=True),
+    Method("flow", "Flow (ours, zero-shot)", flow_scorer, lambda e, k: (1, 0), ours=True),
+    Method("graph_flow", "Graph-flow (ours)", _surrogate(GraphFlowSurrogate), _fitted(1), ours=True,
+           fitted=True),
+    Method("superposition", "Superposition (ours)", _surrogate(SuperpositionSurrogate), _fitted(1), ours=True,
+           fitted=True, needs_outputs=True),
+    Method("superposition_state", "Superposition, readout state (ours)",
+           lambda ctx: SuperpositionSurrogate(ctx, readout="auto").fit(ctx.measured), _fitted(1), ours=True,
+           fitted=True, needs_state=True,
+           description="measured changes superposed at the readout state (surrogate.readout), then the true "
+                       "tail of the network; output space where the graph has no readout"),
+    Method("superposition_pairs", "Superposition + pairs (ours)",
+           lambda ctx: SuperpositionSurrogate(ctx, readout="auto", pairs=True).fit(ctx.measured), _fitted(1),
+           ours=True, fitted=True, needs_state=True,
+           cost_in=lambda ctx: (len(ctx.measured) + 1 + len(pair_candidates(ctx)), 0),
+           description="readout-state superposition plus the measured interaction of every pair of removable "
+                       "edges (one extra pass per pair), weighted 2/r in a mask with r edges removed"),
+):
+    register_method(_m)

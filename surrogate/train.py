@@ -5,7 +5,6 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import torch.nn as nn
 
 from .evaluate import Subset, Task
 from .checkpoints import retraining, shipped_path
+from .measuring import model_device
 from .paths import atomic_path, cache_root
 from . import progress as _progress  # train(log=...) reports every progress.PROGRESS_SECONDS within an epoch
 
@@ -91,13 +91,6 @@ def lr_schedule(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], fl
     return onecycle
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    """Where the model's parameters (or buffers) live; the CPU for a model without any."""
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def _autocast(kind: str | None, device: torch.device) -> contextlib.AbstractContextManager:
     if kind is None:
         return contextlib.nullcontext()
@@ -121,7 +114,7 @@ def _evaluate(model: nn.Module, data: Subset, task: Task, batch_size: int = 1024
     """Mean loss and accuracy on ``data``, in batches of at most ``batch_size`` samples and
     MAX_EVAL_OUTPUT_ELEMENTS output elements."""
     model.eval()
-    device = _device_of(model)
+    device = model_device(model)
     loss_sum, acc_sum = 0.0, 0.0
     if len(data) > 1 and batch_size > 1:
         per_sample = model(data.inputs[:1].to(device)).numel()
@@ -222,7 +215,7 @@ def finetune(model: nn.Module, train_data: Subset, task: Task, steps: int, lr: f
     gen = torch.Generator().manual_seed(seed)
     if device is not None:
         model.to(device)
-    dev = _device_of(model)
+    dev = model_device(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps)))) \
         if schedule == "cosine" else None

@@ -16,7 +16,7 @@ from surrogate import GatedModel, build_graph
 from surrogate.evaluate import Subset, Task, evaluate_masks
 from surrogate.methods import METHODS, fit_method
 from surrogate.pruning import Budget, select_mask
-from surrogate.scorers import Context
+from surrogate.methods import Context
 
 NEW = ("block_influence", "angular", "taylor_plus", "synflow", "sleb", "bonsai", "bonsai_10x")
 

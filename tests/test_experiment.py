@@ -14,10 +14,10 @@ import surrogate
 from surrogate import (METHODS, Budget, Context, ExperimentConfig, GatedModel, MaskFamily, Measured, Subset, Task,
                        auto_prune, build_graph, evaluate_masks, fit_method, prior_design, run_experiment)
 from surrogate.experiment import GraphView, within_k_spearman
-from surrogate.methods import Method, method_names, register_method
+from surrogate.methods import AdditivePredictor, Method, method_names, register_method
 from surrogate.paper import Macros, macro_name
+from surrogate.plotting import draw_graph
 from surrogate.report import macros_from, paired_comparison, wide_table, summarize
-from surrogate.scorers import AdditivePredictor
 from surrogate.train import cached_model
 
 
@@ -118,7 +118,7 @@ def test_example_is_picklable_and_drawable(result):
     import matplotlib.pyplot as plt
     ex = pickle.loads(pickle.dumps(result.example))
     assert isinstance(ex["graph"], GraphView) and ex["graph"].num_prunable == 6
-    ax = ex["graph"].draw(importances=ex["importance"]["loo"])
+    ax = draw_graph(ex["graph"], importances=ex["importance"]["loo"])
     plt.close(ax.figure)
     assert set(ex["predictions"]["any"]) == {"loo", "taylor2", "superposition"}
 

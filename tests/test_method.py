@@ -11,10 +11,11 @@ from surrogate.evaluate import Subset, Task, evaluate_masks
 from surrogate.masks import (all_masks_with_removed, bernoulli_masks, pair_masks, prior_design,
                              sparsity_masks)
 from surrogate.models import Block, RandomGraphConfig, RandomGraphNet, resnet20
+from surrogate.plotting import draw_graph
 from surrogate.profile import count_macs, count_params
 from surrogate.pruning import Budget, CostModel, auto_prune, select_mask
-from surrogate.methods import METHODS, fit_method, method_names
-from surrogate.scorers import AdditivePredictor, Context, Measured, QuadraticPredictor, gate_derivatives
+from surrogate.methods import METHODS, AdditivePredictor, Context, Measured, fit_method, method_names
+from surrogate.scorers import QuadraticPredictor, gate_derivatives
 from surrogate.flow import FlowStructure
 from surrogate.surrogates import (GraphFlowSurrogate, LinearSurrogate, MLPSurrogate, PriorGraphSurrogate,
                                   SuperpositionSurrogate)
@@ -671,7 +672,7 @@ def test_draw_graph_shows_every_head_edge(gpt2_heads):
     import matplotlib.pyplot as plt
     from matplotlib.text import Annotation
     _, _, graph = gpt2_heads
-    ax = graph.draw(importances=np.arange(graph.num_prunable, dtype=float))
+    ax = draw_graph(graph, importances=np.arange(graph.num_prunable, dtype=float))
     try:
         arrows = [t for t in ax.texts if isinstance(t, Annotation)]
         assert len(arrows) == len(graph.edges)  # one artist per edge
