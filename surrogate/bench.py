@@ -1,0 +1,230 @@
+"""The equal-cost benchmark: every method's pick at every budget of forward passes, scored against the truth.
+
+``run_bench(model, scoring, evaluation, task, BenchConfig(...))`` on one trained network:
+
+1. the *searches* (``surrogate.search.SEARCHES``: random search, greedy, evolution, regressions, and this
+   project's sequential surrogate) each spend at most P passes over the scoring subset for every P in
+   ``config.budgets`` and every pruning budget k in ``config.ks`` (remove exactly k of the removable units);
+2. the *zero-shot criteria* (``surrogate.methods.METHODS``) are points at their own fixed cost;
+3. every pick is measured on the evaluation subset (the truth), against a *reference* that no method chose:
+   every k-mask when there are at most ``exhaustive_limit``, otherwise the best of a long evolutionary search
+   on the evaluation data (``reference`` times the largest P evaluations, over ``restarts`` restarts), and the
+   best of every pick;
+4. records: one row per (k, method, P) with the passes spent, the pick, its true loss and accuracy, the
+   reference's, and the regret.
+
+Truth tables (``load_truth`` / ``save_truth``): every mask measured on the evaluation subset of a network, kept
+as a CSV in the repository, so that a rerun measures only what is new. Register a new method as a ``Search``
+(``surrogate.search.register_search``) and it is benchmarked like the others (README: "Benchmark a method").
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch.nn as nn
+
+from .evaluate import Subset, Task
+from .gating import GatedModel
+from .graph import ComputationGraph, build_graph
+from .masks import exhaustive_masks, mask_text
+from .methods import METHODS, fit_method, measure_design
+from .passes import BudgetExhausted, LossOracle
+from .paths import atomic_write
+from .pruning import Budget, select_mask
+from .scorers import Context
+from .search import SEARCHES, Problem, evolution, run_search
+from . import sequential as _sequential  # noqa: F401  (registers this project's searches)
+
+__all__ = ["BenchConfig", "resolve_budgets", "run_bench", "load_truth", "save_truth"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to benchmark (module docstring). Budgets are expressions in E, the number of removable units."""
+    units: str | None = None                      # regular expression: the removable prunable edges (None: all)
+    ks: tuple[int, ...] = (2,)                    # pruning budgets: units removed
+    budgets: tuple[str, ...] = ("E+2", "2*E", "4*E", "E*(E+1)/2")
+    searches: tuple[str, ...] = ("random_search", "greedy", "evolution", "linear_regression",
+                                 "pairwise_regression", "sequential_loss", "sequential")
+    zero_shot: tuple[str, ...] = ("loo", "taylor1_abs", "block_influence")
+    reference: int = 10
+    restarts: int = 3
+    exhaustive_limit: int = 2 ** 16
+    connected: bool = True
+    batch_size: int = 256
+    strategy: str = "stack"                       # evaluate_masks strategy ("prefix": CNNs with few gates)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.searches if s not in SEARCHES] + [m for m in self.zero_shot if m not in METHODS]
+        if unknown:
+            raise KeyError(f"unknown method(s) {unknown}; searches: {', '.join(SEARCHES)}; "
+                           f"zero-shot: {', '.join(METHODS)}")
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"pruning budgets ks must be at least 1, got {self.ks}")
+
+
+def resolve_budgets(exprs: Sequence[str | float], e: int) -> list[int]:
+    """Pass budgets from expressions in E (e.g. "E+2", "4*E", "E*(E+1)/2"), rounded down, sorted, distinct."""
+    out = set()
+    for x in exprs:
+        if isinstance(x, (int, float)):
+            out.add(int(x))
+            continue
+        tree = ast.parse(str(x), mode="eval")
+        allowed = (ast.Expression, ast.BinOp, ast.Constant, ast.Name, ast.Add, ast.Sub, ast.Mult, ast.Div,
+                   ast.Pow, ast.Load)
+        if not all(isinstance(n, allowed) for n in ast.walk(tree)) or \
+                any(isinstance(n, ast.Name) and n.id != "E" for n in ast.walk(tree)):
+            raise ValueError(f"a budget is a number or an arithmetic expression in E, got {x!r}")
+        out.add(int(eval(compile(tree, "<budget>", "eval"), {"__builtins__": {}}, {"E": e})))  # noqa: S307
+    return sorted(out)
+
+
+def _units(graph: ComputationGraph, pattern: str | None) -> np.ndarray:
+    import re
+    ok = np.array([pattern is None or re.search(pattern, n) is not None for n in graph.edge_names], dtype=bool)
+    if not ok.any():
+        raise ValueError(f"no prunable edge matches {pattern!r}; edge names look like {graph.edge_names[:2]}")
+    return ok
+
+
+def run_bench(model: nn.Module | ComputationGraph, scoring: Subset, evaluation: Subset, task: Task,
+              config: BenchConfig, *, seed: int = 0, truth: LossOracle | None = None,
+              log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The records of the benchmark on one network (module docstring). ``truth``: an oracle on ``evaluation``
+    to reuse (e.g. preloaded from a truth table: ``load_truth``); its measurements grow as picks are scored."""
+    say = log or (lambda msg: None)
+    graph = model if isinstance(model, ComputationGraph) else build_graph(model, scoring.inputs[:4])
+    gated = GatedModel(graph)
+    allowed = _units(graph, config.units)
+    e = int(allowed.sum())
+    budgets = resolve_budgets(config.budgets, e)
+    oracle = LossOracle(gated, scoring, task, batch_size=config.batch_size, strategy=config.strategy)
+    truth = truth or LossOracle(gated, evaluation, task, batch_size=config.batch_size, strategy=config.strategy)
+    ctx = Context(graph, gated, scoring, task, seed=seed, batch_size=config.batch_size,
+                  removable=None if allowed.all() else allowed, max_removed=max(config.ks))
+    rows: list[dict[str, Any]] = []
+    zero = _zero_shot(config, ctx, allowed, say)
+    for k in config.ks:
+        problem = Problem(graph, k, allowed, config.connected, ctx)
+        for name in config.searches:
+            t0 = time.perf_counter()
+            for r in run_search(name, problem, oracle, budgets, seed=seed):
+                rows.append({"k": k, "method": name, "kind": "search", **r})
+            say(f"k={k} {name}: {time.perf_counter() - t0:.0f} s")
+        for name, (pred, passes) in zero.items():
+            mask = select_mask(pred, graph, Budget(edges=k), allowed=None if allowed.all() else allowed,
+                               allow_disconnected=not config.connected)
+            rows.append({"k": k, "method": name, "kind": "zero-shot", "budget": passes, "spent": passes, "mask": mask})
+        best, how = _reference(problem, truth, config, budgets, rows, seed, say)
+        for r in (r for r in rows if r["k"] == k):
+            _score(r, truth, oracle, best, how, e)
+    return rows
+
+
+def _zero_shot(config: BenchConfig, ctx: Context, allowed: np.ndarray, say) -> dict[str, tuple[Any, int]]:
+    """Each zero-shot criterion's predictor (fitted on the prior design where it needs one) and its passes."""
+    if not config.zero_shot:
+        return {}
+    measured = measure_design(ctx.gated, ctx.scoring, ctx.task, config.zero_shot, batch_size=config.batch_size)
+    ctx.measured = measured
+    out = {}
+    for name in config.zero_shot:
+        pred = fit_method(name, ctx)
+        passes = METHODS[name].passes_in(ctx)
+        out[name] = (pred, int(passes["forward"] + passes["backward"]))
+        say(f"zero-shot {name}: {out[name][1]} passes")
+    return out
+
+
+def _reference(problem: Problem, truth: LossOracle, config: BenchConfig, budgets: Sequence[int],
+               rows: list[dict[str, Any]], seed: int, say) -> tuple[float, str]:
+    """The best true loss known at pruning budget k: exhaustive, or a long search on the evaluation data, and
+    every pick of every method."""
+    k, units = problem.k, problem.units
+    if math.comb(len(units), k) <= config.exhaustive_limit:
+        masks = exhaustive_masks(problem.num_edges, (k,), problem.allowed)
+        masks = masks[problem.ok(masks)]
+        say(f"k={k} reference: all {len(masks)} masks on {len(truth.data)} evaluation samples")
+        truth.losses(masks)
+        how = "exhaustive"
+    else:
+        total = config.reference * max(budgets)
+        say(f"k={k} reference: evolution on the evaluation data, {config.restarts} x {total // config.restarts} "
+            "evaluations")
+        for r in range(config.restarts):
+            meter = truth.meter(total // config.restarts, name=f"reference k={k} restart {r}")
+            try:
+                evolution(problem, meter, np.random.default_rng(10_000 + seed + r))
+            except BudgetExhausted:  # the budget ends a restart
+                pass
+        how = "search"
+    picks = [r["mask"] for r in rows if r["k"] == k and r["mask"] is not None]
+    if picks:
+        truth.losses(np.stack(picks))
+    known = [(m, l) for m, l, _ in truth.table() if problem.feasible(m)[0]]
+    return min(l for _, l in known), how
+
+
+def _score(row: dict[str, Any], truth: LossOracle, oracle: LossOracle, best: float, how: str, e: int) -> None:
+    mask = row.pop("mask")
+    row.update({"units": e, "reference": how, "best_loss": best})
+    if mask is None:
+        row.update({"mask": "", "loss": np.nan, "accuracy": np.nan, "regret": np.nan, "scoring_loss": np.nan})
+        return
+    loss = float(truth.losses(mask)[0])
+    row.update({"mask": mask_text(mask), "loss": loss, "accuracy": float(truth.accuracy(mask)[0]),
+                "regret": loss - best, "scoring_loss": oracle.known(mask)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# truth tables
+
+TRUTH_COLUMNS = ("network", "subset", "samples", "mask", "removed", "loss", "accuracy")
+
+
+def load_truth(path: str | Path, network: str, oracle: LossOracle) -> int:
+    """Preload ``oracle`` with the rows of ``network`` in the truth table at ``path`` (if it exists) measured
+    on a subset of the same name and size; returns how many were loaded."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    masks, losses, accs = [], [], []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if r["network"] == network and r["subset"] == oracle.data.name and int(r["samples"]) == len(oracle.data):
+                masks.append(np.array([float(c) for c in r["mask"]], dtype=np.float32))
+                losses.append(float(r["loss"]))
+                accs.append(float(r["accuracy"]) if r["accuracy"] else np.nan)
+    if masks:
+        oracle.preload(np.stack(masks), np.array(losses), np.array(accs))
+    return len(masks)
+
+
+def save_truth(path: str | Path, network: str, oracle: LossOracle) -> None:
+    """Write every mask ``oracle`` knows on its whole subset into the truth table at ``path`` (the rows of other
+    networks or subsets kept; this network's rows sorted by mask), atomically."""
+    path = Path(path)
+    keep: list[dict[str, str]] = []
+    if path.exists():
+        with open(path, newline="") as f:
+            keep = [r for r in csv.DictReader(f) if not (r["network"] == network and r["subset"] == oracle.data.name
+                                                          and int(r["samples"]) == len(oracle.data))]
+    n = len(oracle.data)
+    mine = [{"network": network, "subset": oracle.data.name, "samples": str(n), "mask": mask_text(m),
+             "removed": str(int((m == 0).sum())), "loss": repr(float(l)),
+             "accuracy": "" if math.isnan(a) else repr(float(a))} for m, l, a in oracle.table()]
+    rows = sorted(keep + mine, key=lambda r: (r["network"], r["subset"], int(r["samples"]), r["mask"]))
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=TRUTH_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(path, out.getvalue())

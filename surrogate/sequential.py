@@ -1,0 +1,289 @@
+"""This project's surrogate as a sequential design: a mask search that spends a budget of passes where they
+change its pick.
+
+The model of the loss of a pruned network (``SequentialModel``) has three parts:
+
+1. *superposition* (``surrogates.SuperpositionSurrogate``): the readout state of a pruned network is the dense
+   state plus the measured change of each removed unit, weighted along the graph; the network's true tail maps
+   it to outputs and the loss is computed exactly (``base="loss"`` instead adds the measured single-removal
+   losses: the same design without the superposition, an ablation);
+2. *measured pairs*: for every pair of units measured together, the part of its state (or loss) that the
+   superposition misses, weighted 2 / r in a mask with r units removed;
+3. *a correction in loss space* from every other measured mask: kernel ridge regression of the residuals
+   (measured minus predicted loss) on the removal sets, kernel exp(-Hamming distance / ``length``): exact on the
+   measured masks, fading to the model above away from them.
+
+The design (``sequential``), at one pruning budget (remove k units) and a budget of passes:
+measure the dense network and every single removal (and the merge shares: one pass); then, while passes
+remain, search the model for its best k-mask (beam search and swap moves on the model, no passes), measure the
+pairs among that mask's removed units not yet measured, refit, and measure the (new) best predicted mask;
+refit again. The pick is the best measured k-mask once one is measured (the model's best before). Every query
+of the model that runs the network's tail is charged as the fraction of a pass the tail costs (measured with
+torch's FLOP counter), so the pass count includes the surrogate's own compute.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .passes import Meter, mask_key
+from .readout import Tail, find_readout
+from .scorers import Measured, Predictor
+from .search import Problem, Search, local_search, register_search
+from .surrogates import SuperpositionSurrogate
+
+__all__ = ["SequentialModel", "sequential", "tail_fraction"]
+
+
+def tail_fraction(gated, node: str, inputs: torch.Tensor) -> float:
+    """FLOPs of the network's tail from readout ``node`` over FLOPs of the whole gated network, on ``inputs``."""
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as whole:
+            _, taps = gated(inputs, taps=(node,))
+        with FlopCounterMode(display=False) as tail:
+            Tail(gated, node)(taps[node], inputs)
+    return tail.get_total_flops() / max(1, whole.get_total_flops())
+
+
+class _Superposition(SuperpositionSurrogate):
+    """The superposition surrogate that counts its tail runs and forgets predictions a new pair changes."""
+    tail_runs = 0
+
+    def _predict(self, m: np.ndarray) -> np.ndarray:
+        self.tail_runs += len(m)
+        return super()._predict(m)
+
+    def set_pairs(self, index: np.ndarray, interactions: torch.Tensor) -> None:
+        new = {tuple(p) for p in index} - {tuple(p) for p in self.pair_index}
+        self.pair_index, self.interactions = index, interactions
+        if new:
+            stale = [k for k in self._memo
+                     if any(np.frombuffer(k, dtype=np.float32)[list(p)].max() < 0.5 for p in new)]
+            for k in stale:
+                del self._memo[k]
+
+
+class SequentialModel(Predictor):
+    """Loss model of the sequential design (module docstring), fitted on what a ``Meter`` measured."""
+
+    def __init__(self, problem: Problem, base: str = "superposition", length: float = 2.0, ridge: float = 1e-6):
+        if base not in ("superposition", "loss"):
+            raise ValueError(f"unknown base {base!r}; use 'superposition' or 'loss'")
+        self.problem, self.base, self.length, self.ridge = problem, base, length, ridge
+        self.num_edges = problem.num_edges
+        self.pairs: dict[tuple[int, int], float | torch.Tensor] = {}   # measured pair -> its interaction
+        self.known: dict[bytes, float] = {}                            # every measured mask's loss
+        self.sup: _Superposition | None = None
+
+    # -- fitting ------------------------------------------------------------------------------------------
+    def start(self, ones_loss: float, single_losses: np.ndarray, states: torch.Tensor | None = None,
+              node: str | None = None) -> None:
+        """The dense loss and single removals of the allowed units (and their readout states, for the
+        superposition base); non-allowed units are never removed."""
+        units, e = self.problem.units, self.num_edges
+        self.s1 = ones_loss
+        self.delta = np.zeros(e)
+        self.delta[units] = np.asarray(single_losses) - ones_loss
+        ones = np.ones(e, dtype=np.float32)
+        self.known[mask_key(ones)] = ones_loss
+        for u, loss in zip(units, single_losses):
+            row = ones.copy()
+            row[u] = 0
+            self.known[mask_key(row)] = float(loss)
+        if self.base == "superposition":
+            ctx = self.problem.context
+            h = states.double()
+            dy = torch.zeros((e, *h.shape[1:]), dtype=torch.float64)
+            dy[torch.as_tensor(units)] = h[1:] - h[0]
+            ctx.memo[("states", node)] = (h[0], dy, states.dtype)
+            self.sup = _Superposition(ctx, readout=node)
+            self.sup.fit(Measured(ones[None], np.array([ones_loss])))
+        self._residuals()
+
+    def add_pair(self, i: int, j: int, loss: float, state: torch.Tensor | None = None) -> None:
+        mask = np.ones(self.num_edges, dtype=np.float32)
+        mask[[i, j]] = 0
+        self.known[mask_key(mask)] = loss
+        if self.sup is None:
+            self.pairs[(i, j)] = loss - self.s1 - self.delta[i] - self.delta[j]
+        else:
+            base = self.sup.y1 + torch.tensordot(self.sup.coefficients(mask[None]), self.sup.dy, dims=1)[0]
+            self.pairs[(i, j)] = (state.double() - base).float()
+            index = np.array(list(self.pairs), dtype=np.int64).reshape(-1, 2)
+            self.sup.set_pairs(index, torch.stack([self.pairs[tuple(p)] for p in index]))
+        self._residuals()
+
+    def add_mask(self, mask: np.ndarray, loss: float) -> None:
+        self.known[mask_key(mask)] = float(loss)
+        self._residuals()
+
+    def _residuals(self) -> None:
+        """Kernel ridge regression of measured-minus-modelled losses over every measured mask."""
+        rows = np.stack([np.frombuffer(k, dtype=np.float32) for k in self.known])
+        y = np.array(list(self.known.values()))
+        self.rows = 1 - rows[:, self.problem.units]
+        resid = y - self._model(rows)
+        k = self._kernel(self.rows, self.rows)
+        self.alpha = np.linalg.solve(k + self.ridge * np.eye(len(k)), resid)
+
+    def _kernel(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        hamming = np.abs(a[:, None, :] - b[None, :, :]).sum(-1)
+        return np.exp(-hamming / self.length)
+
+    # -- predicting ---------------------------------------------------------------------------------------
+    def _model(self, masks: np.ndarray) -> np.ndarray:
+        if self.sup is not None:
+            return self.sup.predict(masks)
+        x = 1 - masks
+        out = self.s1 + x @ self.delta
+        if self.pairs:
+            r = np.maximum(x.sum(1), 2)
+            for (i, j), v in self.pairs.items():
+                out = out + x[:, i] * x[:, j] * 2 / r * v
+        return out
+
+    def predict(self, masks: np.ndarray) -> np.ndarray:
+        m = np.atleast_2d(np.asarray(masks, dtype=np.float32))
+        out = self._model(m) + self._kernel(1 - m[:, self.problem.units], self.rows) @ self.alpha
+        for i, row in enumerate(m):
+            known = self.known.get(mask_key(row))
+            if known is not None:
+                out[i] = known
+        return out
+
+    @property
+    def importance(self) -> np.ndarray:
+        return self.delta
+
+    @property
+    def tail_runs(self) -> int:
+        return 0 if self.sup is None else self.sup.tail_runs
+
+
+def beam(model: Predictor, problem: Problem, width: int = 4) -> list[np.ndarray]:
+    """Beam search on the model for masks removing k allowed units (kept connected): the final beam, best
+    first."""
+    frontier = np.ones((1, problem.num_edges), dtype=np.float32)
+    for _ in range(problem.k):
+        kids = []
+        for m in frontier:
+            for i in np.flatnonzero((m == 1) & problem.allowed):
+                c = m.copy()
+                c[i] = 0
+                kids.append(c)
+        kids = np.unique(np.stack(kids), axis=0)
+        kids = kids[problem.ok(kids)]
+        if not len(kids):
+            raise ValueError(f"no connected mask removes {problem.k} allowed units")
+        frontier = kids[np.argsort(model.predict(kids), kind="stable")[:width]]
+    return list(frontier)
+
+
+def _best_candidate(model: SequentialModel, problem: Problem, width: int) -> np.ndarray:
+    """The model's best k-mask: the best of a beam search, improved by swap moves."""
+    start = beam(model, problem, width)[0]
+    return local_search(model, problem, start)
+
+
+def _pairs_in(mask: np.ndarray, problem: Problem, model: SequentialModel) -> list[tuple[int, int]]:
+    """Pairs of the mask's removed units not yet measured, the largest single effects first."""
+    gone = [int(u) for u in problem.units if mask[u] == 0]
+    pairs = [(i, j) for a, i in enumerate(gone) for j in gone[a + 1:] if (i, j) not in model.pairs]
+    return sorted(pairs, key=lambda p: -abs(model.delta[p[0]]) * abs(model.delta[p[1]]))
+
+
+def sequential(problem: Problem, meter: Meter, rng: np.random.Generator, base: str = "superposition",
+               width: int = 4, length: float = 2.0) -> SequentialModel:
+    """Run the sequential design (module docstring) until the meter's budget is spent (BudgetExhausted) or every
+    k-mask is measured; returns its model."""
+    if problem.context is None or problem.context.gated is None:
+        raise ValueError("the sequential design runs the model: give the Problem a scorers.Context")
+    ctx = replace(problem.context, memo=dict(problem.context.memo))  # its own single-removal states
+    problem = replace(problem, context=ctx)
+    e, units = problem.num_edges, problem.units
+    design = np.ones((1 + len(units), e), dtype=np.float32)
+    design[1 + np.arange(len(units)), units] = 0
+    model = SequentialModel(problem, base, length)
+    node, frac = None, 0.0
+    if base == "superposition":
+        node = find_readout(ctx.gated)
+        if node is None:
+            raise ValueError("the superposition base needs a readout state (surrogate.readout.find_readout "
+                             "found none in this graph); use base='loss'")
+        probe = ctx.scoring.inputs[:2]
+        meter.charge(len(probe) / len(ctx.scoring), "measuring the tail's share of a pass")
+        frac = tail_fraction(ctx.gated, node, probe)
+        meter.charge(1, "merge shares")  # the superposition weighs edges by measured merge shares
+        losses, states = meter.states(design, node)
+        model.start(losses[0], losses[1:], states, node)
+    else:
+        losses = meter.measure(design)
+        model.start(losses[0], losses[1:])
+    settled = 0
+
+    def settle() -> None:  # charge the tail runs of the model's queries since the last settlement
+        nonlocal settled
+        meter.charge((model.tail_runs - settled) * frac, "surrogate queries")
+        settled = model.tail_runs
+
+    settle()
+
+    def measure(mask: np.ndarray) -> float:  # with its state, if any: a later pair may be this very mask
+        return float(meter.states(mask, node)[0][0] if node is not None else meter.measure(mask)[0])
+
+    cand = _best_candidate(model, problem, width)
+    settle()
+    meter.recommend(cand)
+    while meter.left > 1e-9:
+        progressed = False
+        for i, j in _pairs_in(cand, problem, model):
+            pair = np.ones(e, dtype=np.float32)
+            pair[[i, j]] = 0
+            if not problem.ok(pair)[0]:
+                continue
+            if node is not None:
+                loss, state = meter.states(pair, node)
+                model.add_pair(i, j, float(loss[0]), state[0])
+            else:
+                model.add_pair(i, j, float(meter.measure(pair)[0]))
+            settle()
+            progressed = True
+        cand = _best_candidate(model, problem, width)
+        settle()
+        if mask_key(cand) not in model.known:
+            model.add_mask(cand, float(measure(cand)))
+            settle()
+            progressed = True
+        best = meter.best_measured(lambda m: problem.feasible(m)[0])
+        meter.recommend(best[0] if best is not None else cand)
+        if not progressed:  # the model's best and its pairs are measured: measure its best neighbour
+            cand = _explore(model, problem, meter, measure)
+            settle()
+            if cand is None:
+                return model
+            meter.recommend(meter.best_measured(lambda m: problem.feasible(m)[0])[0])
+    return model
+
+
+def _explore(model: SequentialModel, problem: Problem, meter: Meter, measure) -> np.ndarray | None:
+    """Measure the model's best unmeasured swap neighbour of the best measured k-mask that has one (None: the
+    neighbourhoods of every measured k-mask are measured; swaps connect all k-masks, so the space is)."""
+    measured = sorted((l, i, m) for i, (m, l) in enumerate(meter.measured) if problem.feasible(m)[0])
+    for _, _, mask in measured:
+        nb = problem.swaps(mask)
+        nb = nb[[mask_key(m) not in model.known for m in nb]] if len(nb) else nb
+        if len(nb):
+            pick = nb[int(np.argmin(model.predict(nb)))]
+            model.add_mask(pick, measure(pick))
+            return pick
+    return None
+
+
+register_search(Search("sequential", "Superposition, sequential (ours)", sequential, ours=True,
+                       description="prior design, then pairs of the model's best mask and the mask itself, refitted"))
+register_search(Search("sequential_loss", "Single + pairs in loss space, sequential",
+                       lambda p, m, r: sequential(p, m, r, base="loss"),
+                       description="the same design composed in loss space (no superposition): an ablation"))

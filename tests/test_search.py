@@ -1,0 +1,147 @@
+"""Searches at a budget of passes: each stays within its budget (forward passes counted on the model itself),
+finds the optimum of a small space given enough passes, is seeded; the sequential surrogate is exact on what it
+measured; the equal-cost benchmark and its truth tables."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from surrogate import GatedModel, Subset, Task, build_graph
+from surrogate.bench import BenchConfig, load_truth, resolve_budgets, run_bench, save_truth
+from surrogate.masks import exhaustive_masks
+from surrogate.models import ResNetCifar
+from surrogate.passes import BudgetExhausted, LossOracle
+from surrogate.scorers import Context
+from surrogate.search import SEARCHES, Problem, run_search
+from surrogate.sequential import sequential
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    net = ResNetCifar(8, 10, 4).eval()  # 3 blocks: 6 prunable edges (3 branches, 3 shortcuts)
+    x, y = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
+    graph = build_graph(net, x[:4])
+    gated = GatedModel(graph)
+    scoring, task = Subset("scoring", x[:32], y[:32]), Task("classification")
+    return net, graph, gated, scoring, Subset("test", x[32:], y[32:]), task
+
+
+def _problem(setup, k=2):
+    _, graph, gated, scoring, _, task = setup
+    ctx = Context(graph, gated, scoring, task)
+    return Problem(graph, k, np.ones(graph.num_prunable, dtype=bool), True, ctx)
+
+
+class PassCounter:
+    """Counts the samples that enter the network's stem: forward passes over the scoring subset."""
+    def __init__(self, net, n):
+        self.samples, self.n = 0, n
+        self.handle = net.conv.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.samples += args[0].shape[0]
+
+    @property
+    def passes(self):
+        return self.samples / self.n
+
+
+def test_meter_charges_new_masks_once_and_refuses_to_overspend(setup):
+    _, _, gated, scoring, _, task = setup
+    oracle = LossOracle(gated, scoring, task)
+    meter = oracle.meter(3)
+    masks = np.ones((2, 6), dtype=np.float32)
+    masks[1, 0] = 0
+    first = meter.measure(masks)
+    assert meter.spent == 2 and np.array_equal(meter.measure(masks), first) and meter.spent == 2
+    meter.measure(masks[1] * 0 + 1 - np.eye(6, dtype=np.float32)[3], fraction=0.25)  # a quarter of the subset
+    assert meter.spent == pytest.approx(2.25)
+    with pytest.raises(BudgetExhausted):
+        meter.measure(1 - np.eye(6, dtype=np.float32)[1:3])  # 2 passes, 0.75 left
+    assert meter.spent == pytest.approx(2.25)
+    meter.recommend(masks[0])
+    assert meter.pick_at(2) is None and np.array_equal(meter.pick_at(2.25), masks[0])
+
+
+@pytest.mark.parametrize("name", sorted(SEARCHES))
+def test_each_search_stays_within_its_budget(setup, name):
+    net, graph, gated, scoring, _, task = setup
+    problem = _problem(setup)
+    for budget in (8, 15):
+        counter = PassCounter(net, len(scoring))
+        try:
+            rows = run_search(name, problem, LossOracle(gated, scoring, task), [budget], seed=0)
+        finally:
+            counter.handle.remove()
+        assert rows[0]["spent"] is None or rows[0]["spent"] <= budget + 1e-9
+        assert counter.passes <= budget + 1e-9, f"{name} ran {counter.passes} passes at a budget of {budget}"
+        if rows[0]["mask"] is not None:
+            assert problem.feasible(rows[0]["mask"])[0]
+
+
+@pytest.mark.parametrize("name", sorted(SEARCHES))
+def test_each_search_is_seeded(setup, name):
+    _, _, gated, scoring, _, task = setup
+    problem = _problem(setup)
+    runs = [run_search(name, problem, LossOracle(gated, scoring, task), [10, 20], seed=3) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert a["spent"] == b["spent"]
+        assert (a["mask"] is None and b["mask"] is None) or np.array_equal(a["mask"], b["mask"])
+
+
+@pytest.mark.parametrize("name", ["random_search", "evolution", "sequential", "sequential_loss"])
+def test_searches_find_the_optimum_of_a_small_space(setup, name):
+    _, _, gated, scoring, _, task = setup
+    problem = _problem(setup)
+    oracle = LossOracle(gated, scoring, task)
+    space = exhaustive_masks(6, (2,))
+    space = space[problem.feasible(space)]
+    best = oracle.losses(space).min()
+    rows = run_search(name, problem, oracle, [200], seed=1)
+    assert oracle.losses(rows[0]["mask"])[0] == best
+
+
+@pytest.mark.parametrize("base", ["superposition", "loss"])
+def test_sequential_model_is_exact_on_every_mask_it_measured(setup, base):
+    _, _, gated, scoring, _, task = setup
+    problem = _problem(setup, k=2)
+    meter = LossOracle(gated, scoring, task).meter(1000)
+    model = sequential(problem, meter, np.random.default_rng(0), base=base)
+    masks = np.stack([m for m, _ in meter.measured])
+    measured = np.array([l for _, l in meter.measured])
+    assert len(masks) >= 7
+    np.testing.assert_allclose(model.predict(masks), measured, rtol=0, atol=1e-9)
+    # ... and so is its model before the answers from memory: the kernel correction interpolates them
+    rows = model._model(masks) + model._kernel(1 - masks[:, problem.units], model.rows) @ model.alpha
+    np.testing.assert_allclose(rows, measured, atol=1e-4)
+
+
+def test_budget_expressions():
+    assert resolve_budgets(["E+2", "2*E", "E*(E+1)/2", 5], 18) == [5, 20, 36, 171]
+    with pytest.raises(ValueError):
+        resolve_budgets(["__import__('os')"], 4)
+
+
+def test_bench_scores_every_pick_against_the_reference_and_reuses_truth_tables(setup, tmp_path):
+    net, graph, gated, scoring, test, task = setup
+    config = BenchConfig(ks=(2,), budgets=("E+2", "2*E"), zero_shot=("loo", "taylor1_abs"))
+    rows = run_bench(graph, scoring, test, task, config, seed=0)
+    assert {r["method"] for r in rows} == set(config.searches) | set(config.zero_shot)
+    for r in rows:
+        assert r["reference"] == "exhaustive" and r["units"] == 6
+        if r["mask"]:
+            assert r["regret"] >= -1e-12 and math.isclose(r["regret"], r["loss"] - r["best_loss"])
+            assert r["spent"] <= r["budget"] + 1e-9
+    truth = LossOracle(gated, test, task)
+    rows_again = run_bench(graph, scoring, test, task, config, seed=0, truth=truth)
+    path = tmp_path / "truth.csv"
+    save_truth(path, "net0", truth)
+    again = LossOracle(gated, test, task)
+    assert load_truth(path, "net0", again) == len(truth.table()) > 0
+    assert load_truth(path, "other", LossOracle(gated, test, task)) == 0
+    known = {tuple(m): l for m, l, _ in truth.table()}
+    for m, l, _ in again.table():
+        assert known[tuple(m)] == l  # loss round-trips exactly (repr of floats)
+    assert [r["loss"] for r in rows] == [r["loss"] for r in rows_again]
