@@ -34,27 +34,37 @@ from .readout import Tail, find_readout
 from .scorers import Measured, Predictor
 from .search import Problem, Search, local_search, register_search
 from .surrogates import SuperpositionSurrogate
+from .widehead import WideHeadLoss, split_head
 
-__all__ = ["SequentialModel", "sequential", "tail_fraction"]
+__all__ = ["SequentialModel", "sequential", "pass_flops"]
 
 
-def tail_fraction(gated, node: str, inputs: torch.Tensor) -> float:
-    """FLOPs of the network's tail from readout ``node`` over FLOPs of the whole gated network, on ``inputs``."""
+def _flops(fn) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def pass_flops(gated, node: str, probe: torch.Tensor) -> tuple[float, float]:
+    """FLOPs per sample of the whole gated network and of its tail from readout ``node``, on ``probe``."""
     with torch.no_grad():
-        with FlopCounterMode(display=False) as whole:
-            _, taps = gated(inputs, taps=(node,))
-        with FlopCounterMode(display=False) as tail:
-            Tail(gated, node)(taps[node], inputs)
-    return tail.get_total_flops() / max(1, whole.get_total_flops())
+        _, taps = gated(probe, taps=(node,))
+    whole = _flops(lambda: gated(probe))
+    return whole / len(probe), _flops(lambda: Tail(gated, node)(taps[node], probe)) / len(probe)
 
 
 class _Superposition(SuperpositionSurrogate):
     """The superposition surrogate that counts its tail runs and forgets predictions a new pair changes."""
     tail_runs = 0
 
+    wide: WideHeadLoss | None = None
+
     def _predict(self, m: np.ndarray) -> np.ndarray:
         self.tail_runs += len(m)
         return super()._predict(m)
+
+    def _loss(self, y: torch.Tensor, targets: torch.Tensor) -> float:
+        return self.wide.loss(y) if self.wide is not None else super()._loss(y, targets)
 
     def set_pairs(self, index: np.ndarray, interactions: torch.Tensor) -> None:
         new = {tuple(p) for p in index} - {tuple(p) for p in self.pair_index}
@@ -196,9 +206,10 @@ def _pairs_in(mask: np.ndarray, problem: Problem, model: SequentialModel) -> lis
 
 
 def sequential(problem: Problem, meter: Meter, rng: np.random.Generator, base: str = "superposition",
-               width: int = 4, length: float = 2.0) -> SequentialModel:
+               width: int = 4, length: float = 2.0, wide_head: int | None = 1024) -> SequentialModel:
     """Run the sequential design (module docstring) until the meter's budget is spent (BudgetExhausted) or every
-    k-mask is measured; returns its model."""
+    k-mask is measured; returns its model. ``wide_head``: a tail ending in a linear head with at least this many
+    outputs answers queries through ``surrogate.widehead.WideHeadLoss`` (None: always the exact tail)."""
     if problem.context is None or problem.context.gated is None:
         raise ValueError("the sequential design runs the model: give the Problem a scorers.Context")
     ctx = replace(problem.context, memo=dict(problem.context.memo))  # its own single-removal states
@@ -214,11 +225,14 @@ def sequential(problem: Problem, meter: Meter, rng: np.random.Generator, base: s
             raise ValueError("the superposition base needs a readout state (surrogate.readout.find_readout "
                              "found none in this graph); use base='loss'")
         probe = ctx.scoring.inputs[:2]
-        meter.charge(len(probe) / len(ctx.scoring), "measuring the tail's share of a pass")
-        frac = tail_fraction(ctx.gated, node, probe)
+        meter.charge(2 * len(probe) / len(ctx.scoring), "measuring the tail's share of a pass")
+        whole, tail = pass_flops(ctx.gated, node, probe)
+        frac = tail / whole
         meter.charge(1, "merge shares")  # the superposition weighs edges by measured merge shares
         losses, states = meter.states(design, node)
         model.start(losses[0], losses[1:], states, node)
+        if wide_head is not None:
+            frac = _cheap_queries(model.sup, ctx, states[0], frac, whole, wide_head, meter)
     else:
         losses = meter.measure(design)
         model.start(losses[0], losses[1:])
@@ -266,6 +280,19 @@ def sequential(problem: Problem, meter: Meter, rng: np.random.Generator, base: s
                 return model
             meter.recommend(meter.best_measured(lambda m: problem.feasible(m)[0])[0])
     return model
+
+
+def _cheap_queries(sup: _Superposition, ctx, dense: torch.Tensor, frac: float, whole: float, wide: int,
+                   meter: Meter) -> float:
+    """Answer the superposition's queries through a WideHeadLoss when the tail ends in a linear head with at
+    least ``wide`` outputs (its set-up runs the head once on the dense state: charged as one tail run); returns
+    the fraction of a pass one query costs (``whole``: FLOPs of the network per sample)."""
+    parts = split_head(sup.tail)
+    if parts is None or parts[1].shape[0] < wide:
+        return frac
+    meter.charge(frac, "the wide head's candidates on the dense state")
+    sup.wide = WideHeadLoss(sup.tail, dense, ctx.scoring.inputs, ctx.scoring.targets, ctx.task)
+    return sup.wide.flops(dense) / (whole * len(ctx.scoring))
 
 
 def _explore(model: SequentialModel, problem: Problem, meter: Meter, measure) -> np.ndarray | None:

@@ -145,3 +145,46 @@ def test_bench_scores_every_pick_against_the_reference_and_reuses_truth_tables(s
     for m, l, _ in again.table():
         assert known[tuple(m)] == l  # loss round-trips exactly (repr of floats)
     assert [r["loss"] for r in rows] == [r["loss"] for r in rows_again]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from surrogate.models import CausalLMLogits
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=1100, n_positions=16,
+                                    bos_token_id=0, eos_token_id=0))
+    net = CausalLMLogits(lm).eval()
+    x = torch.randint(0, 1100, (12, 16))
+    graph = build_graph(net, x[:2])
+    return net, graph, GatedModel(graph), Subset("scoring", x, x), Task("lm")
+
+
+def test_wide_head_loss_is_exact_at_the_dense_state_and_cheaper_than_the_head(tiny_lm):
+    from surrogate.readout import Tail, find_readout
+    from surrogate.widehead import WideHeadLoss
+    net, graph, gated, scoring, task = tiny_lm
+    node = find_readout(gated)
+    with torch.no_grad():
+        out, taps = gated(scoring.inputs, taps=(node,))
+    wide = WideHeadLoss(Tail(gated, node), taps[node], scoring.inputs, scoring.targets, task, k=16)
+    exact = float(task.per_sample(out, scoring.targets)[0].mean())
+    assert wide.loss(taps[node]) == pytest.approx(exact, abs=1e-5)
+    head = 2 * 12 * 15 * 32 * 1100  # FLOPs of the full head on the predicted positions
+    assert wide.flops(taps[node]) < head / 10
+
+
+def test_sequential_on_a_language_model_counts_every_pass(tiny_lm):
+    import re
+    from surrogate.lm import SUBLAYER_BRANCHES
+    net, graph, gated, scoring, task = tiny_lm
+    allowed = np.array([re.search(SUBLAYER_BRANCHES, n) is not None for n in graph.edge_names])
+    problem = Problem(graph, 2, allowed, True, Context(graph, gated, scoring, task))
+    seen = []
+    hook = net.lm.transformer.wte.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    try:
+        rows = run_search("sequential", problem, LossOracle(gated, scoring, task), [10, 14], seed=0)
+    finally:
+        hook.remove()
+    assert sum(seen) / len(scoring) <= 14 + 1e-9
+    assert rows[-1]["mask"] is not None and problem.feasible(rows[-1]["mask"])[0]
