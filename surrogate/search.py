@@ -34,7 +34,7 @@ from .pruning import Budget, select_mask
 from .scorers import AdditivePredictor, Predictor
 
 __all__ = ["Problem", "Search", "SEARCHES", "register_search", "run_search", "random_search", "greedy", "evolution",
-           "linear_regression", "pairwise_regression"]
+           "linear_regression", "pairwise_regression", "fit_linear", "fit_pairwise", "local_search"]
 
 
 @dataclass
@@ -254,22 +254,32 @@ def _measured_random(problem: Problem, meter: Meter, rng: np.random.Generator) -
     return masks, meter.measure(masks)
 
 
-def linear_regression(problem: Problem, meter: Meter, rng: np.random.Generator) -> None:
+def fit_linear(problem: Problem, meter: Meter, rng: np.random.Generator) -> AdditivePredictor:
+    """Bonsai / COAR: ridge regression of the loss on the removal indicators of as many random masks as the
+    budget pays for; the model's importance of a unit is its coefficient."""
     masks, y = _measured_random(problem, meter, rng)
     w, b = _cv_ridge(1 - masks[:, problem.units], y, rng)
-    imp = np.full(problem.num_edges, np.inf)
+    imp = np.zeros(problem.num_edges)
     imp[problem.units] = w
-    pred = AdditivePredictor("linear_regression", np.where(np.isfinite(imp), imp, 0.0), b)
-    meter.recommend(_pick(pred, problem))
+    return AdditivePredictor("linear_regression", imp, b)
 
 
-def pairwise_regression(problem: Problem, meter: Meter, rng: np.random.Generator) -> None:
+def fit_pairwise(problem: Problem, meter: Meter, rng: np.random.Generator) -> QuadraticModel:
+    """The same with every pairwise product of removal indicators: a quadratic pseudo-Boolean model."""
     masks, y = _measured_random(problem, meter, rng)
     x = 1 - masks[:, problem.units]
     p = _pairs(len(problem.units))
     coef, b = _cv_ridge(np.hstack([x, x[:, p[:, 0]] * x[:, p[:, 1]]]), y, rng)
     n = len(problem.units)
-    model = QuadraticModel(problem.units, coef[:n], coef[n:], b, problem.num_edges)
+    return QuadraticModel(problem.units, coef[:n], coef[n:], b, problem.num_edges)
+
+
+def linear_regression(problem: Problem, meter: Meter, rng: np.random.Generator) -> None:
+    meter.recommend(_pick(fit_linear(problem, meter, rng), problem))
+
+
+def pairwise_regression(problem: Problem, meter: Meter, rng: np.random.Generator) -> None:
+    model = fit_pairwise(problem, meter, rng)
     meter.recommend(local_search(model, problem, _pick(model, problem)))
 
 
@@ -304,6 +314,8 @@ class Search:
     label: str
     run: Callable[[Problem, Meter, np.random.Generator], None]
     anytime: bool = True
+    model: Callable[[Problem, Meter, np.random.Generator], Predictor] | None = None  # a loss model fitted at
+    # the budget without a target pruning budget (for rank agreement with the truth); None: a pure search
     ours: bool = False
     description: str = ""
 
@@ -321,8 +333,10 @@ def register_search(search: Search, *, replace: bool = False) -> Search:
 for _s in (Search("random_search", "Random search", random_search),
            Search("greedy", "Greedy (SLEB / BlockPruner)", greedy),
            Search("evolution", "Evolution (EvoPress-style)", evolution),
-           Search("linear_regression", "Linear regression (Bonsai / COAR)", linear_regression, anytime=False),
-           Search("pairwise_regression", "Pairwise regression", pairwise_regression, anytime=False)):
+           Search("linear_regression", "Linear regression (Bonsai / COAR)", linear_regression, anytime=False,
+                  model=fit_linear),
+           Search("pairwise_regression", "Pairwise regression", pairwise_regression, anytime=False,
+                  model=fit_pairwise)):
     register_search(_s)
 
 

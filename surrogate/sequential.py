@@ -29,14 +29,14 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .passes import Meter, mask_key
+from .passes import BudgetExhausted, Meter, mask_key
 from .readout import Tail, find_readout
 from .scorers import Measured, Predictor
 from .search import Problem, Search, local_search, register_search
 from .surrogates import SuperpositionSurrogate
 from .widehead import WideHeadLoss, split_head
 
-__all__ = ["SequentialModel", "sequential", "pass_flops"]
+__all__ = ["SequentialModel", "sequential", "fit_generic", "pass_flops"]
 
 
 def _flops(fn) -> int:
@@ -205,81 +205,113 @@ def _pairs_in(mask: np.ndarray, problem: Problem, model: SequentialModel) -> lis
     return sorted(pairs, key=lambda p: -abs(model.delta[p[0]]) * abs(model.delta[p[1]]))
 
 
+class _Design:
+    """What the design has measured, its model, and its account: measuring charges the meter, and so does every
+    query of the model that runs the network's tail (``settle``)."""
+
+    def __init__(self, problem: Problem, meter: Meter, base: str, length: float, wide_head: int | None):
+        if problem.context is None or problem.context.gated is None:
+            raise ValueError("the sequential design runs the model: give the Problem a scorers.Context")
+        ctx = replace(problem.context, memo=dict(problem.context.memo))  # its own single-removal states
+        self.problem, self.meter = replace(problem, context=ctx), meter
+        self.model = SequentialModel(self.problem, base, length)
+        e, units = problem.num_edges, problem.units
+        design = np.ones((1 + len(units), e), dtype=np.float32)
+        design[1 + np.arange(len(units)), units] = 0
+        self.node, self.frac, self.settled = None, 0.0, 0
+        if base == "loss":
+            losses = meter.measure(design)
+            self.model.start(losses[0], losses[1:])
+            return
+        self.node = find_readout(ctx.gated)
+        if self.node is None:
+            raise ValueError("the superposition base needs a readout state (surrogate.readout.find_readout "
+                             "found none in this graph); use base='loss'")
+        probe = ctx.scoring.inputs[:2]
+        meter.charge(2 * len(probe) / len(ctx.scoring), "measuring the tail's share of a pass")
+        whole, tail = pass_flops(ctx.gated, self.node, probe)
+        self.frac = tail / whole
+        meter.charge(1, "merge shares")  # the superposition weighs edges by measured merge shares
+        losses, states = meter.states(design, self.node)
+        self.model.start(losses[0], losses[1:], states, self.node)
+        if wide_head is not None:
+            self.frac = _cheap_queries(self.model.sup, ctx, states[0], self.frac, whole, wide_head, meter)
+        self.settle()
+
+    def settle(self) -> None:
+        """Charge the tail runs of the model's queries since the last settlement."""
+        self.meter.charge((self.model.tail_runs - self.settled) * self.frac, "surrogate queries")
+        self.settled = self.model.tail_runs
+
+    def measure(self, mask: np.ndarray) -> float:
+        """Measure a mask (with its state, if any: a later pair may be this very mask) and add it to the model."""
+        m = self.meter
+        loss = float(m.states(mask, self.node)[0][0] if self.node is not None else m.measure(mask)[0])
+        self.model.add_mask(mask, loss)
+        self.settle()
+        return loss
+
+    def pair(self, i: int, j: int) -> bool:
+        """Measure units i and j removed together and add their interaction (False: the pair cuts the network)."""
+        mask = np.ones(self.problem.num_edges, dtype=np.float32)
+        mask[[i, j]] = 0
+        if not self.problem.ok(mask)[0]:
+            return False
+        if self.node is not None:
+            loss, state = self.meter.states(mask, self.node)
+            self.model.add_pair(i, j, float(loss[0]), state[0])
+        else:
+            self.model.add_pair(i, j, float(self.meter.measure(mask)[0]))
+        self.settle()
+        return True
+
+    def candidate(self, width: int) -> np.ndarray:
+        cand = _best_candidate(self.model, self.problem, width)
+        self.settle()
+        return cand
+
+    def best(self) -> np.ndarray | None:
+        found = self.meter.best_measured(lambda m: self.problem.feasible(m)[0])
+        return None if found is None else found[0]
+
+
 def sequential(problem: Problem, meter: Meter, rng: np.random.Generator, base: str = "superposition",
                width: int = 4, length: float = 2.0, wide_head: int | None = 1024) -> SequentialModel:
     """Run the sequential design (module docstring) until the meter's budget is spent (BudgetExhausted) or every
     k-mask is measured; returns its model. ``wide_head``: a tail ending in a linear head with at least this many
     outputs answers queries through ``surrogate.widehead.WideHeadLoss`` (None: always the exact tail)."""
-    if problem.context is None or problem.context.gated is None:
-        raise ValueError("the sequential design runs the model: give the Problem a scorers.Context")
-    ctx = replace(problem.context, memo=dict(problem.context.memo))  # its own single-removal states
-    problem = replace(problem, context=ctx)
-    e, units = problem.num_edges, problem.units
-    design = np.ones((1 + len(units), e), dtype=np.float32)
-    design[1 + np.arange(len(units)), units] = 0
-    model = SequentialModel(problem, base, length)
-    node, frac = None, 0.0
-    if base == "superposition":
-        node = find_readout(ctx.gated)
-        if node is None:
-            raise ValueError("the superposition base needs a readout state (surrogate.readout.find_readout "
-                             "found none in this graph); use base='loss'")
-        probe = ctx.scoring.inputs[:2]
-        meter.charge(2 * len(probe) / len(ctx.scoring), "measuring the tail's share of a pass")
-        whole, tail = pass_flops(ctx.gated, node, probe)
-        frac = tail / whole
-        meter.charge(1, "merge shares")  # the superposition weighs edges by measured merge shares
-        losses, states = meter.states(design, node)
-        model.start(losses[0], losses[1:], states, node)
-        if wide_head is not None:
-            frac = _cheap_queries(model.sup, ctx, states[0], frac, whole, wide_head, meter)
-    else:
-        losses = meter.measure(design)
-        model.start(losses[0], losses[1:])
-    settled = 0
-
-    def settle() -> None:  # charge the tail runs of the model's queries since the last settlement
-        nonlocal settled
-        meter.charge((model.tail_runs - settled) * frac, "surrogate queries")
-        settled = model.tail_runs
-
-    settle()
-
-    def measure(mask: np.ndarray) -> float:  # with its state, if any: a later pair may be this very mask
-        return float(meter.states(mask, node)[0][0] if node is not None else meter.measure(mask)[0])
-
-    cand = _best_candidate(model, problem, width)
-    settle()
+    d = _Design(problem, meter, base, length, wide_head)
+    cand = d.candidate(width)
     meter.recommend(cand)
     while meter.left > 1e-9:
-        progressed = False
-        for i, j in _pairs_in(cand, problem, model):
-            pair = np.ones(e, dtype=np.float32)
-            pair[[i, j]] = 0
-            if not problem.ok(pair)[0]:
-                continue
-            if node is not None:
-                loss, state = meter.states(pair, node)
-                model.add_pair(i, j, float(loss[0]), state[0])
-            else:
-                model.add_pair(i, j, float(meter.measure(pair)[0]))
-            settle()
+        progressed = any([d.pair(i, j) for i, j in _pairs_in(cand, d.problem, d.model)])
+        cand = d.candidate(width)
+        if mask_key(cand) not in d.model.known:
+            d.measure(cand)
             progressed = True
-        cand = _best_candidate(model, problem, width)
-        settle()
-        if mask_key(cand) not in model.known:
-            model.add_mask(cand, float(measure(cand)))
-            settle()
-            progressed = True
-        best = meter.best_measured(lambda m: problem.feasible(m)[0])
-        meter.recommend(best[0] if best is not None else cand)
+        meter.recommend(d.best() if d.best() is not None else cand)
         if not progressed:  # the model's best and its pairs are measured: measure its best neighbour
-            cand = _explore(model, problem, meter, measure)
-            settle()
-            if cand is None:
-                return model
-            meter.recommend(meter.best_measured(lambda m: problem.feasible(m)[0])[0])
-    return model
+            if _explore(d) is None:
+                break
+            meter.recommend(d.best())
+    return d.model
+
+
+def fit_generic(problem: Problem, meter: Meter, rng: np.random.Generator, base: str = "superposition",
+                length: float = 2.0, wide_head: int | None = 1024) -> SequentialModel:
+    """The model without a target: the prior design, then pairs of allowed units in a seeded random order until
+    the budget is spent (at E(E-1)/2 pairs: superposition_pairs' design). For rank agreement with the truth."""
+    d = _Design(problem, meter, base, length, wide_head)
+    units = problem.units
+    pairs = [(int(i), int(j)) for a, i in enumerate(units) for j in units[a + 1:]]
+    for p in rng.permutation(len(pairs)):
+        if meter.left < 1 - 1e-9:
+            break
+        try:
+            d.pair(*pairs[p])
+        except BudgetExhausted:
+            break
+    return d.model
 
 
 def _cheap_queries(sup: _Superposition, ctx, dense: torch.Tensor, frac: float, whole: float, wide: int,
@@ -295,22 +327,23 @@ def _cheap_queries(sup: _Superposition, ctx, dense: torch.Tensor, frac: float, w
     return sup.wide.flops(dense) / (whole * len(ctx.scoring))
 
 
-def _explore(model: SequentialModel, problem: Problem, meter: Meter, measure) -> np.ndarray | None:
+def _explore(d: _Design) -> np.ndarray | None:
     """Measure the model's best unmeasured swap neighbour of the best measured k-mask that has one (None: the
     neighbourhoods of every measured k-mask are measured; swaps connect all k-masks, so the space is)."""
-    measured = sorted((l, i, m) for i, (m, l) in enumerate(meter.measured) if problem.feasible(m)[0])
+    measured = sorted((l, i, m) for i, (m, l) in enumerate(d.meter.measured) if d.problem.feasible(m)[0])
     for _, _, mask in measured:
-        nb = problem.swaps(mask)
-        nb = nb[[mask_key(m) not in model.known for m in nb]] if len(nb) else nb
+        nb = d.problem.swaps(mask)
+        nb = nb[[mask_key(m) not in d.model.known for m in nb]] if len(nb) else nb
         if len(nb):
-            pick = nb[int(np.argmin(model.predict(nb)))]
-            model.add_mask(pick, measure(pick))
+            pick = nb[int(np.argmin(d.model.predict(nb)))]
+            d.measure(pick)
             return pick
     return None
 
 
-register_search(Search("sequential", "Superposition, sequential (ours)", sequential, ours=True,
+register_search(Search("sequential", "Superposition, sequential (ours)", sequential, ours=True, model=fit_generic,
                        description="prior design, then pairs of the model's best mask and the mask itself, refitted"))
 register_search(Search("sequential_loss", "Single + pairs in loss space, sequential",
                        lambda p, m, r: sequential(p, m, r, base="loss"),
+                       model=lambda p, m, r: fit_generic(p, m, r, base="loss"),
                        description="the same design composed in loss space (no superposition): an ablation"))
