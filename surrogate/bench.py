@@ -36,6 +36,7 @@ from .gating import GatedModel
 from .graph import ComputationGraph, build_graph
 from .masks import exhaustive_masks, mask_text
 from .methods import METHODS, fit_method, measure_design
+from .metrics import spearman
 from .passes import BudgetExhausted, LossOracle
 from .paths import atomic_write
 from .pruning import Budget, select_mask
@@ -43,7 +44,7 @@ from .scorers import Context
 from .search import SEARCHES, Problem, evolution, run_search
 from . import sequential as _sequential  # noqa: F401  (registers this project's searches)
 
-__all__ = ["BenchConfig", "resolve_budgets", "run_bench", "load_truth", "save_truth"]
+__all__ = ["BenchConfig", "BenchResult", "resolve_budgets", "run_bench", "load_truth", "save_truth"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class BenchConfig:
     zero_shot: tuple[str, ...] = ("loo", "taylor1_abs", "block_influence")
     reference: int = 10
     restarts: int = 3
+    ablations: tuple[float, ...] = (0.10, 0.15, 0.25)  # rank agreement as COAR measures it: random ablations of
+    ablation_masks: int = 100                          # these fractions of the units, this many masks each
     exhaustive_limit: int = 2 ** 16
     connected: bool = True
     batch_size: int = 256
@@ -96,11 +99,19 @@ def _units(graph: ComputationGraph, pattern: str | None) -> np.ndarray:
     return ok
 
 
+@dataclass
+class BenchResult:
+    """picks: one row per (k, method, budget P); ranking: one row per (ablated fraction, method, P) with the
+    rank (Spearman) and linear (Pearson) correlation of predicted and true loss on random ablations."""
+    picks: list[dict[str, Any]]
+    ranking: list[dict[str, Any]]
+
+
 def run_bench(model: nn.Module | ComputationGraph, scoring: Subset, evaluation: Subset, task: Task,
               config: BenchConfig, *, seed: int = 0, truth: LossOracle | None = None,
-              log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """The records of the benchmark on one network (module docstring). ``truth``: an oracle on ``evaluation``
-    to reuse (e.g. preloaded from a truth table: ``load_truth``); its measurements grow as picks are scored."""
+              log: Callable[[str], None] | None = None) -> BenchResult:
+    """The benchmark on one network (module docstring). ``truth``: an oracle on ``evaluation`` to reuse (e.g.
+    preloaded from a truth table: ``load_truth``); its measurements grow as picks are scored."""
     say = log or (lambda msg: None)
     graph = model if isinstance(model, ComputationGraph) else build_graph(model, scoring.inputs[:4])
     gated = GatedModel(graph)
@@ -127,6 +138,41 @@ def run_bench(model: nn.Module | ComputationGraph, scoring: Subset, evaluation: 
         best, how = _reference(problem, truth, config, budgets, rows, seed, say)
         for r in (r for r in rows if r["k"] == k):
             _score(r, truth, oracle, best, how, e)
+    ranking = _ranking(config, graph, allowed, ctx, oracle, truth, budgets, zero, seed, say)
+    return BenchResult(rows, ranking)
+
+
+def _ranking(config: BenchConfig, graph: ComputationGraph, allowed: np.ndarray, ctx: Context,
+             oracle: LossOracle, truth: LossOracle, budgets: Sequence[int], zero: dict[str, tuple[Any, int]],
+             seed: int, say) -> list[dict[str, Any]]:
+    """Rank agreement on random ablations of each fraction of the units, as COAR reports it: every method with a
+    loss model, fitted at every budget (the regressions on masks of that fraction), and the zero-shot criteria."""
+    rows: list[dict[str, Any]] = []
+    units = int(allowed.sum())
+    fitted: dict[tuple[str, int, int | None], Any] = {}
+    for a, frac in enumerate(config.ablations):
+        k = max(1, round(frac * units))
+        problem = Problem(graph, k, allowed, config.connected, ctx)
+        masks = problem.sample(config.ablation_masks, np.random.default_rng(20_000 + seed + a))
+        say(f"rank agreement on {len(masks)} random ablations of {k} units")
+        true = truth.losses(masks)
+        models: list[tuple[str, float, float, Any]] = [(n, p, p, pred) for n, (pred, p) in zero.items()]
+        for name in (n for n in config.searches if SEARCHES[n].model is not None):
+            for b in budgets:
+                key = (name, b, k if SEARCHES[name].model_per_k else None)
+                if key not in fitted:  # a model that ignores k is fitted once per budget
+                    meter = oracle.meter(b, name=f"{name} model")
+                    try:
+                        fitted[key] = (SEARCHES[name].model(problem, meter, np.random.default_rng(seed)), meter.spent)
+                    except BudgetExhausted:
+                        fitted[key] = None
+                if fitted[key] is not None:
+                    models.append((name, b, fitted[key][1], fitted[key][0]))
+        for name, b, spent, pred in models:
+            yhat = np.asarray(pred.predict(masks), dtype=np.float64)
+            rows.append({"fraction": frac, "removed": k, "method": name, "budget": b, "spent": spent,
+                         "n_masks": len(masks), "spearman": spearman(yhat, true),
+                         "pearson": float(np.corrcoef(yhat, true)[0, 1]) if np.std(yhat) > 0 else float("nan")})
     return rows
 
 

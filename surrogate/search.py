@@ -315,7 +315,8 @@ class Search:
     run: Callable[[Problem, Meter, np.random.Generator], None]
     anytime: bool = True
     model: Callable[[Problem, Meter, np.random.Generator], Predictor] | None = None  # a loss model fitted at
-    # the budget without a target pruning budget (for rank agreement with the truth); None: a pure search
+    # the budget (for rank agreement with the truth); None: a pure search
+    model_per_k: bool = True   # the model depends on the problem's k (e.g. masks sampled at that fraction)
     ours: bool = False
     description: str = ""
 

@@ -342,8 +342,9 @@ def _explore(d: _Design) -> np.ndarray | None:
 
 
 register_search(Search("sequential", "Superposition, sequential (ours)", sequential, ours=True, model=fit_generic,
+                       model_per_k=False,
                        description="prior design, then pairs of the model's best mask and the mask itself, refitted"))
 register_search(Search("sequential_loss", "Single + pairs in loss space, sequential",
                        lambda p, m, r: sequential(p, m, r, base="loss"),
-                       model=lambda p, m, r: fit_generic(p, m, r, base="loss"),
+                       model=lambda p, m, r: fit_generic(p, m, r, base="loss"), model_per_k=False,
                        description="the same design composed in loss space (no superposition): an ablation"))

@@ -126,8 +126,13 @@ def test_budget_expressions():
 
 def test_bench_scores_every_pick_against_the_reference_and_reuses_truth_tables(setup, tmp_path):
     net, graph, gated, scoring, test, task = setup
-    config = BenchConfig(ks=(2,), budgets=("E+2", "2*E"), zero_shot=("loo", "taylor1_abs"))
-    rows = run_bench(graph, scoring, test, task, config, seed=0)
+    config = BenchConfig(ks=(2,), budgets=("E+2", "2*E"), zero_shot=("loo", "taylor1_abs"), ablations=(0.34,),
+                         ablation_masks=8)
+    result = run_bench(graph, scoring, test, task, config, seed=0)
+    rows = result.picks
+    ranking = {(r["method"], r["budget"]): r for r in result.ranking}
+    assert ranking[("loo", 7)]["spent"] == 7 and ranking[("sequential", 12)]["spent"] <= 12
+    assert all(-1 <= r["spearman"] <= 1 for r in result.ranking if not math.isnan(r["spearman"]))
     assert {r["method"] for r in rows} == set(config.searches) | set(config.zero_shot)
     for r in rows:
         assert r["reference"] == "exhaustive" and r["units"] == 6
@@ -135,7 +140,7 @@ def test_bench_scores_every_pick_against_the_reference_and_reuses_truth_tables(s
             assert r["regret"] >= -1e-12 and math.isclose(r["regret"], r["loss"] - r["best_loss"])
             assert r["spent"] <= r["budget"] + 1e-9
     truth = LossOracle(gated, test, task)
-    rows_again = run_bench(graph, scoring, test, task, config, seed=0, truth=truth)
+    rows_again = run_bench(graph, scoring, test, task, config, seed=0, truth=truth).picks
     path = tmp_path / "truth.csv"
     save_truth(path, "net0", truth)
     again = LossOracle(gated, test, task)
