@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch.nn as nn
 
 from .evaluate import Subset, Task
@@ -36,7 +37,7 @@ from .gating import GatedModel
 from .graph import ComputationGraph, build_graph
 from .masks import exhaustive_masks, mask_text
 from .methods import METHODS, fit_method, measure_design
-from .metrics import spearman
+from .metrics import bootstrap_ci, paired_test, spearman
 from .passes import BudgetExhausted, LossOracle
 from .paths import atomic_write
 from .pruning import Budget, select_mask
@@ -44,7 +45,8 @@ from .scorers import Context
 from .search import SEARCHES, Problem, evolution, run_search
 from . import sequential as _sequential  # noqa: F401  (registers this project's searches)
 
-__all__ = ["BenchConfig", "BenchResult", "resolve_budgets", "run_bench", "load_truth", "save_truth"]
+__all__ = ["BenchConfig", "BenchResult", "resolve_budgets", "run_bench", "load_truth", "save_truth", "at_budgets",
+           "regret_summary", "head_to_head"]
 
 
 @dataclass(frozen=True)
@@ -274,3 +276,48 @@ def save_truth(path: str | Path, network: str, oracle: LossOracle) -> None:
     w.writeheader()
     w.writerows(rows)
     atomic_write(path, out.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------------
+# summaries over networks
+
+def at_budgets(picks: pd.DataFrame, budgets: Sequence[int]) -> pd.DataFrame:
+    """Every method's pick at each pass budget P: a search's pick at P, a zero-shot criterion's pick at every
+    P at least its cost (it can spend no more). Columns of ``picks`` plus ``P``."""
+    out = []
+    for p in budgets:
+        s = picks[(picks.kind == "search") & (picks.budget == p)]
+        z = picks[(picks.kind == "zero-shot") & (picks.budget <= p)]
+        out.append(pd.concat([s, z]).assign(P=p))
+    return pd.concat(out, ignore_index=True)
+
+
+def regret_summary(table: pd.DataFrame, by: Sequence[str] = ("k", "P", "method"), value: str = "regret",
+                   seed: int = 0) -> pd.DataFrame:
+    """Mean of ``value`` over networks per group, with a bootstrap 95% interval over the networks and how many
+    networks have a pick (a method whose budget is too small has none)."""
+    rows = []
+    for key, g in table.dropna(subset=[value]).groupby(list(by), sort=True):
+        lo, hi = bootstrap_ci(g[value].to_numpy(), seed=seed)
+        rows.append({**dict(zip(by, key)), "mean": float(g[value].mean()), "lo": lo, "hi": hi,
+                     "networks": int(g["network"].nunique()), "spent": float(g["spent"].mean())})
+    return pd.DataFrame(rows)
+
+
+def head_to_head(table: pd.DataFrame, ours: str, value: str = "regret", tol: float = 1e-9) -> pd.DataFrame:
+    """Ours against every other method at each budget P, paired over (network, k): wins (ours lower), ties
+    (within ``tol``), losses, the mean difference (ours - other) and a two-sided Wilcoxon signed-rank p."""
+    rows = []
+    for p, g in table.groupby("P", sort=True):
+        mine = g[g.method == ours].set_index(["network", "k"])[value]
+        for other in sorted(set(g.method) - {ours}):
+            theirs = g[g.method == other].set_index(["network", "k"])[value]
+            both = mine.to_frame("a").join(theirs.to_frame("b"), how="inner").dropna()
+            if both.empty:
+                continue
+            d = both.a - both.b
+            test = paired_test(both.a.to_numpy(), both.b.to_numpy()) if len(d) > 1 else {"wilcoxon_p": float("nan")}
+            rows.append({"P": p, "method": other, "pairs": len(d), "wins": int((d < -tol).sum()),
+                         "ties": int((d.abs() <= tol).sum()), "losses": int((d > tol).sum()),
+                         "mean_diff": float(d.mean()), "wilcoxon_p": test["wilcoxon_p"]})
+    return pd.DataFrame(rows)

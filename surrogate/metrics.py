@@ -14,7 +14,7 @@ import numpy as np
 from scipy import stats
 
 __all__ = ["spearman", "kendall", "topk_size", "topk_overlap", "random_topk_overlap", "regret",
-           "paired_test", "summarize", "evaluate_predictions"]
+           "paired_test", "summarize", "evaluate_predictions", "bootstrap_ci"]
 
 _REGRET_TOL = 1e-12  # float slack when the "best" loss was computed separately from the chosen one
 
@@ -160,3 +160,17 @@ def evaluate_predictions(pred: Any, true: Any, fracs: Sequence[float] = (0.05, 0
     for frac in fracs:
         out[f"top{int(round(100 * frac))}"] = topk_overlap(pred, true, frac)
     return out
+
+
+def bootstrap_ci(values: Any, level: float = 0.95, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (e.g. one result per network): resample the values
+    with replacement ``n_boot`` times (seeded). With one value the interval is that value (no spread is known)."""
+    v = _as_1d(values, "values")
+    if v.size == 0:
+        raise ValueError("bootstrap of no values")
+    if v.size == 1:
+        return float(v[0]), float(v[0])
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

@@ -216,3 +216,13 @@ def test_evaluate_predictions_keys_and_values() -> None:
     assert out["spearman"] == spearman(pred, true)
     assert out["top10"] == topk_overlap(pred, true, 0.10)
     assert all(type(v) is float for v in out.values())
+
+
+def test_bootstrap_ci_brackets_the_mean_and_narrows_with_agreement():
+    from surrogate.metrics import bootstrap_ci
+    lo, hi = bootstrap_ci([0.1, 0.5, 0.9], seed=1)
+    assert lo < 0.5 < hi and lo >= 0.1 and hi <= 0.9
+    lo2, hi2 = bootstrap_ci([0.49, 0.5, 0.51], seed=1)
+    assert hi2 - lo2 < (hi - lo) / 10
+    assert bootstrap_ci([0.3]) == (0.3, 0.3)
+    assert bootstrap_ci([1, 2, 3], seed=4) == bootstrap_ci([1, 2, 3], seed=4)

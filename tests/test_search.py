@@ -193,3 +193,25 @@ def test_sequential_on_a_language_model_counts_every_pass(tiny_lm):
         hook.remove()
     assert sum(seen) / len(scoring) <= 14 + 1e-9
     assert rows[-1]["mask"] is not None and problem.feasible(rows[-1]["mask"])[0]
+
+
+def test_summaries_over_networks_pair_ours_with_each_method_at_equal_passes():
+    import pandas as pd
+    from surrogate.bench import at_budgets, head_to_head, regret_summary
+    rows = []
+    for net in range(3):
+        for p in (10, 20):
+            rows.append({"network": net, "k": 2, "method": "ours", "kind": "search", "budget": p, "spent": p - 1,
+                         "regret": 0.0 if p == 20 else 0.1})
+            rows.append({"network": net, "k": 2, "method": "rs", "kind": "search", "budget": p, "spent": p,
+                         "regret": 0.2 + net / 10})
+        rows.append({"network": net, "k": 2, "method": "zs", "kind": "zero-shot", "budget": 15, "spent": 15,
+                     "regret": 0.0})
+    table = at_budgets(pd.DataFrame(rows), [10, 20])
+    assert set(table[table.P == 10].method) == {"ours", "rs"}  # the zero-shot criterion costs 15 > 10
+    summary = regret_summary(table).set_index(["P", "method"])
+    assert summary.loc[(10, "rs"), "mean"] == pytest.approx(0.3) and summary.loc[(10, "rs"), "networks"] == 3
+    assert summary.loc[(10, "rs"), "lo"] <= 0.3 <= summary.loc[(10, "rs"), "hi"]
+    h2h = head_to_head(table, "ours").set_index(["P", "method"])
+    assert h2h.loc[(10, "rs"), ["wins", "ties", "losses"]].tolist() == [3, 0, 0]
+    assert h2h.loc[(20, "zs"), ["wins", "ties", "losses"]].tolist() == [0, 3, 0]
