@@ -33,18 +33,21 @@ __all__ = ["FinetuneConfig", "finetune_masks", "linear_probe", "method_picks", "
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    steps: int = 300              # optimizer steps (AdamW), the same for every mask
+    steps: int = 300              # optimizer steps, the same for every mask
     lr: float = 1e-3
     batch_size: int = 128
     schedule: str = "cosine"      # "cosine" (to 0 over the steps) or "constant"
     seed: int = 0                 # batch order and augmentation; a new head's initialisation
     autocast: str | None = None   # "bf16": forward passes under bfloat16 autocast (language models on CPUs)
+    optimizer: str = "adamw"      # or "sgd" (Nesterov momentum 0.9: the CIFAR networks' own recipe)
+    weight_decay: float = 0.0
 
 
 def _config_key(config: FinetuneConfig) -> dict[str, Any]:
     """The cache key of a fine-tuning config; a field added later is left out while it has its default, so
     results cached before it existed stay valid."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if not (k == "autocast" and v is None)}
+    defaults = {"autocast": None, "optimizer": "adamw", "weight_decay": 0.0}
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if not (k in defaults and v == defaults[k])}
     return {"__class__": type(config).__name__, **fields}
 
 
@@ -99,7 +102,8 @@ def finetune_masks(graph: ComputationGraph, masks: Mapping[str, Any], train: Sub
             with torch.no_grad():
                 before = _evaluate(model, test, task)
             finetune(model, train, task, config.steps, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
-                     augment=augment, schedule=config.schedule, device=device, autocast=config.autocast)
+                     augment=augment, schedule=config.schedule, device=device, autocast=config.autocast,
+                     optimizer=config.optimizer, weight_decay=config.weight_decay)
             with torch.no_grad():
                 after = _evaluate(model, test, task)
             return {"loss_before": before[0], "accuracy_before": before[1], "loss": after[0], "accuracy": after[1]}

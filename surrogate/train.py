@@ -204,19 +204,25 @@ def finetune(model: nn.Module, train_data: Subset, task: Task, steps: int, lr: f
              batch_size: int = 128, seed: int = 0, *,
              augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
              schedule: Literal["constant", "cosine"] = "constant", device: str | None = None,
-             autocast: Literal["bf16"] | None = None) -> nn.Module:
-    """A fixed number of AdamW steps on a (pruned) model: the draft's second scenario. Trains ``model``
-    itself (on ``device``, default: where it is); schedule "cosine" takes the lr from lr to 0 over the
-    steps; augment(x, generator) transforms each batch; autocast "bf16" runs the forward passes in bfloat16
+             autocast: Literal["bf16"] | None = None, optimizer: Literal["adamw", "sgd"] = "adamw",
+             momentum: float = 0.9, weight_decay: float = 0.0) -> nn.Module:
+    """A fixed number of optimizer steps on a (pruned) model: the draft's second scenario. Trains ``model``
+    itself (on ``device``, default: where it is); optimizer "adamw" or "sgd" (Nesterov momentum ``momentum``,
+    as the CIFAR networks were trained), with ``weight_decay``; schedule "cosine" takes the lr from lr to 0 over
+    the steps; augment(x, generator) transforms each batch; autocast "bf16" runs the forward passes in bfloat16
     (the loss in float32)."""
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown schedule {schedule!r}; use 'constant' or 'cosine'")
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; use 'adamw' or 'sgd'")
     set_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     if device is not None:
         model.to(device)
     dev = model_device(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if optimizer == "adamw" else \
+        torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps)))) \
         if schedule == "cosine" else None
     model.train()

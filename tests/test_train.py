@@ -293,3 +293,19 @@ def test_evaluation_batches_are_capped_by_output_size(data, monkeypatch: pytest.
     capped = _evaluate(net, val_data, TASK)
     assert max(sizes[1:]) == 7 and sum(sizes[1:]) == len(val_data)
     assert capped[0] == pytest.approx(whole[0], rel=1e-6) and capped[1] == pytest.approx(whole[1])
+
+
+def test_finetune_with_sgd_trains_and_refuses_unknown_optimizers():
+    import pytest
+    from surrogate.evaluate import Subset, Task
+    from surrogate.train import finetune
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x = torch.randn(64, 4)
+    y = (x[:, 0] > 0).long()
+    data, task = Subset("train", x, y), Task("classification")
+    before = float(task.per_sample(net(x), y)[0].mean())
+    finetune(net, data, task, 30, lr=0.1, batch_size=16, optimizer="sgd", weight_decay=5e-4)
+    assert float(task.per_sample(net(x), y)[0].mean()) < before
+    with pytest.raises(ValueError, match="optimizer"):
+        finetune(net, data, task, 1, optimizer="lion")
