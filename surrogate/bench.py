@@ -41,7 +41,7 @@ from .metrics import bootstrap_ci, paired_test, spearman
 from .passes import BudgetExhausted, LossOracle
 from .paths import atomic_write
 from .pruning import Budget, select_mask
-from .scorers import Context
+from .methods import Context
 from .search import SEARCHES, Problem, evolution, run_search
 from . import sequential as _sequential  # noqa: F401  (registers this project's searches)
 

@@ -31,7 +31,7 @@ from .graph import ComputationGraph
 from .metrics import kendall
 from .passes import BudgetExhausted, LossOracle, Meter, mask_key
 from .pruning import Budget, select_mask
-from .scorers import AdditivePredictor, Predictor
+from .methods import AdditivePredictor, Predictor
 
 __all__ = ["Problem", "Search", "SEARCHES", "register_search", "run_search", "random_search", "greedy", "evolution",
            "linear_regression", "pairwise_regression", "fit_linear", "fit_pairwise", "local_search"]

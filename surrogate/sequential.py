@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .passes import BudgetExhausted, Meter, mask_key
 from .readout import Tail, find_readout
-from .scorers import Measured, Predictor
+from .methods import Measured, Predictor
 from .search import Problem, Search, local_search, register_search
 from .surrogates import SuperpositionSurrogate
 from .widehead import WideHeadLoss, split_head

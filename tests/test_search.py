@@ -12,7 +12,7 @@ from surrogate.bench import BenchConfig, load_truth, resolve_budgets, run_bench,
 from surrogate.masks import exhaustive_masks
 from surrogate.models import ResNetCifar
 from surrogate.passes import BudgetExhausted, LossOracle
-from surrogate.scorers import Context
+from surrogate.methods import Context
 from surrogate.search import SEARCHES, Problem, run_search
 from surrogate.sequential import sequential
 
