@@ -62,6 +62,8 @@ class BenchConfig:
     restarts: int = 3
     ablations: tuple[float, ...] = (0.10, 0.15, 0.25)  # rank agreement as COAR measures it: random ablations of
     ablation_masks: int = 100                          # these fractions of the units, this many masks each
+    reach: tuple[float, ...] = (0.01,)   # passes each anytime search needs to pick within these relative
+                                         # distances of the reference's true loss (and the reference search)
     exhaustive_limit: int = 2 ** 16
     connected: bool = True
     batch_size: int = 256
@@ -104,9 +106,13 @@ def _units(graph: ComputationGraph, pattern: str | None) -> np.ndarray:
 @dataclass
 class BenchResult:
     """picks: one row per (k, method, budget P); ranking: one row per (ablated fraction, method, P) with the
-    rank (Spearman) and linear (Pearson) correlation of predicted and true loss on random ablations."""
+    rank (Spearman) and linear (Pearson) correlation of predicted and true loss on random ablations; reach: one
+    row per (k, method, tolerance): the fewest passes after which the method's pick stayed within that relative
+    distance of the reference's true loss (NaN: never within its largest budget); the reference search's own
+    row counts evaluations on the evaluation data."""
     picks: list[dict[str, Any]]
     ranking: list[dict[str, Any]]
+    reach: list[dict[str, Any]]
 
 
 def run_bench(model: nn.Module | ComputationGraph, scoring: Subset, evaluation: Subset, task: Task,
@@ -125,23 +131,41 @@ def run_bench(model: nn.Module | ComputationGraph, scoring: Subset, evaluation: 
     ctx = Context(graph, gated, scoring, task, seed=seed, batch_size=config.batch_size,
                   removable=None if allowed.all() else allowed, max_removed=max(config.ks))
     rows: list[dict[str, Any]] = []
+    reach: list[dict[str, Any]] = []
     zero = _zero_shot(config, ctx, allowed, say)
     for k in config.ks:
         problem = Problem(graph, k, allowed, config.connected, ctx)
+        traces: dict[str, list[tuple[float, np.ndarray]]] = {}
         for name in config.searches:
             t0 = time.perf_counter()
-            for r in run_search(name, problem, oracle, budgets, seed=seed):
+            trace = traces.setdefault(name, []) if SEARCHES[name].anytime else None
+            for r in run_search(name, problem, oracle, budgets, seed=seed, trace=trace):
                 rows.append({"k": k, "method": name, "kind": "search", **r})
             say(f"k={k} {name}: {time.perf_counter() - t0:.0f} s")
         for name, (pred, passes) in zero.items():
             mask = select_mask(pred, graph, Budget(edges=k), allowed=None if allowed.all() else allowed,
                                allow_disconnected=not config.connected)
             rows.append({"k": k, "method": name, "kind": "zero-shot", "budget": passes, "spent": passes, "mask": mask})
-        best, how = _reference(problem, truth, config, budgets, rows, seed, say)
+        best, how = _reference(problem, truth, config, budgets, rows, seed, say, traces)
         for r in (r for r in rows if r["k"] == k):
             _score(r, truth, oracle, best, how, e)
+        reach.extend(_reach(k, traces, truth, best, config.reach))
     ranking = _ranking(config, graph, allowed, ctx, oracle, truth, budgets, zero, seed, say)
-    return BenchResult(rows, ranking)
+    return BenchResult(rows, ranking, reach)
+
+
+def _reach(k: int, traces: dict[str, list[tuple[float, np.ndarray]]], truth: LossOracle, best: float,
+           tolerances: Sequence[float]) -> list[dict[str, Any]]:
+    """For each trace and tolerance: the passes after which every later pick was within tolerance of ``best``."""
+    rows = []
+    for name, trace in traces.items():
+        losses = truth.losses(np.stack([m for _, m in trace])) if trace else np.zeros(0)
+        for tol in tolerances:
+            ok = losses <= best + tol * abs(best)
+            after = [s for i, (s, _) in enumerate(trace) if ok[i:].all()]
+            rows.append({"k": k, "method": name, "tolerance": tol, "passes": after[0] if after else float("nan"),
+                         "largest": trace[-1][0] if trace else float("nan")})
+    return rows
 
 
 def _ranking(config: BenchConfig, graph: ComputationGraph, allowed: np.ndarray, ctx: Context,
@@ -194,7 +218,8 @@ def _zero_shot(config: BenchConfig, ctx: Context, allowed: np.ndarray, say) -> d
 
 
 def _reference(problem: Problem, truth: LossOracle, config: BenchConfig, budgets: Sequence[int],
-               rows: list[dict[str, Any]], seed: int, say) -> tuple[float, str]:
+               rows: list[dict[str, Any]], seed: int, say,
+               traces: dict[str, list[tuple[float, np.ndarray]]]) -> tuple[float, str]:
     """The best true loss known at pruning budget k: exhaustive, or a long search on the evaluation data, and
     every pick of every method."""
     k, units = problem.k, problem.units
@@ -214,6 +239,7 @@ def _reference(problem: Problem, truth: LossOracle, config: BenchConfig, budgets
                 evolution(problem, meter, np.random.default_rng(10_000 + seed + r))
             except BudgetExhausted:  # the budget ends a restart
                 pass
+            traces[f"reference_search_{r}"] = meter.picks  # evolution on the evaluation data itself
         how = "search"
     picks = [r["mask"] for r in rows if r["k"] == k and r["mask"] is not None]
     if picks:

@@ -341,10 +341,11 @@ for _s in (Search("random_search", "Random search", random_search),
     register_search(_s)
 
 
-def run_search(name: str, problem: Problem, oracle: LossOracle, budgets: Sequence[float],
-               seed: int = 0) -> list[dict[str, Any]]:
+def run_search(name: str, problem: Problem, oracle: LossOracle, budgets: Sequence[float], seed: int = 0,
+               trace: list[tuple[float, np.ndarray]] | None = None) -> list[dict[str, Any]]:
     """Method ``name``'s pick at every pass budget: rows of budget, spent (passes actually used, <= budget),
-    mask (None when the budget was too small for any pick)."""
+    mask (None when the budget was too small for any pick). ``trace``: a list that receives every pick an
+    anytime method made, with the passes spent when it made it (its whole path to the largest budget)."""
     if name not in SEARCHES:
         raise KeyError(f"unknown search {name!r}; registered: {', '.join(SEARCHES)}")
     search, budgets = SEARCHES[name], sorted(float(b) for b in budgets)
@@ -358,6 +359,8 @@ def run_search(name: str, problem: Problem, oracle: LossOracle, budgets: Sequenc
             search.run(problem, meter, np.random.default_rng(seed))
         except BudgetExhausted:
             pass  # whatever was recommended within the budget stands
+        if trace is not None and search.anytime:
+            trace.extend(meter.picks)
         for b in serves:
             spent = max((s for s, _ in meter.picks if s <= b + 1e-9), default=None)
             rows.append({"budget": b, "spent": spent, "mask": meter.pick_at(b)})

@@ -133,6 +133,10 @@ def test_bench_scores_every_pick_against_the_reference_and_reuses_truth_tables(s
     ranking = {(r["method"], r["budget"]): r for r in result.ranking}
     assert ranking[("loo", 7)]["spent"] == 7 and ranking[("sequential", 12)]["spent"] <= 12
     assert all(-1 <= r["spearman"] <= 1 for r in result.ranking if not math.isnan(r["spearman"]))
+    reach = {r["method"]: r for r in result.reach}
+    assert set(reach) == {s for s in config.searches if SEARCHES[s].anytime}
+    for r in result.reach:  # a reached pick is one of the method's picks at or before its largest budget
+        assert math.isnan(r["passes"]) or 0 < r["passes"] <= r["largest"] <= 12 + 1e-9
     assert {r["method"] for r in rows} == set(config.searches) | set(config.zero_shot)
     for r in rows:
         assert r["reference"] == "exhaustive" and r["units"] == 6
