@@ -11,35 +11,26 @@ in the log. Seeds 100+ are development networks: the design's choices are made o
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from surrogate import Subset, Task
+from surrogate import Subset
+from surrogate import zoo
 from surrogate.bench import BenchConfig, at_budgets, head_to_head, regret_summary, run_bench
+from surrogate.lm import SUBLAYER_BRANCHES
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import train_networks  # noqa: E402  (the paper networks' configurations)
 
 
 def load(args):
-    if args.study == "cifar":
-        from surrogate.cifar import PAPER_TRAINING, CifarConfig, cifar_resnet, cifar_splits
-        cfg = CifarConfig(depth=20, n_val=5000, n_score=500, n_train=None)
-        splits = cifar_splits(cfg)
-        net, _ = cifar_resnet(cfg, replace(PAPER_TRAINING, epochs=args.epochs, device="cpu"), seed=args.seed,
-                              splits=splits)
-        return net, splits["scoring"], splits["test"], Task("classification"), None, "prefix"
-    from surrogate.lm import PAPER_LM_TRAINING, SUBLAYER_BRANCHES, LMConfig, gpt2_lm, wikitext_splits
-    cfg = LMConfig(**train_networks.LM[args.layers], block_size=128, n_train_blocks=None, n_val=64, n_score=32)
-    splits = wikitext_splits(cfg)
-    net, _ = gpt2_lm(cfg, replace(PAPER_LM_TRAINING, epochs=1, batch_size=16, device="cpu"), seed=args.seed,
-                     splits=splits)
-    return net, splits["scoring"], splits["test"], Task("lm"), SUBLAYER_BRANCHES, "stack"
+    name = f"cifar_resnet20_seed{args.seed}_{args.epochs}ep" if args.study == "cifar" else f"gpt2_{args.layers}l_seed{args.seed}"
+    if args.study == "cifar" and args.epochs == zoo.CIFAR_EPOCHS:
+        name = f"cifar_resnet20_seed{args.seed}"
+    net, splits, task = zoo.load(name)
+    units, strategy = (None, "prefix") if args.study == "cifar" else (SUBLAYER_BRANCHES, "stack")
+    return net, splits["scoring"], splits["test"], task, units, strategy
 
 
 def main() -> None:

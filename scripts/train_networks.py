@@ -13,7 +13,6 @@ and its test metric compared with the manifest's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -22,46 +21,38 @@ from dataclasses import replace
 
 import torch
 
+from surrogate import zoo
 from surrogate.checkpoints import RETRAIN_ENV, load_manifest, ship
 from surrogate.evaluate import Task
 from surrogate.profile import machine
 from surrogate.train import CACHE_VERSION, _cache_path, _evaluate, _jsonable
 
-# the paper profiles' networks (notebooks/params/*.yaml must build the same configurations)
-CIFAR_EPOCHS = 50
-LM = {4: dict(n_layer=4, n_head=4, n_embd=256), 12: dict(n_layer=12, n_head=4, n_embd=160)}
 
-
-def cifar(seed: int, epochs: int, log) -> tuple[str, dict, object, dict, str]:
-    from surrogate.cifar import PAPER_TRAINING, CifarConfig, _source, cifar_resnet, cifar_splits
-    cfg = CifarConfig(depth=20, n_val=5000, n_score=500, n_train=None)
-    training = replace(PAPER_TRAINING, epochs=epochs, device="cpu")
-    splits = cifar_splits(cfg)
-    model, meta = cifar_resnet(cfg, training, seed=seed, splits=splits, log=log)
-    loss, acc = _evaluate(model, splits["test"], Task("classification"))
-    key = (cfg, replace(training, seed=seed), {"data": _source(None)})
-    suffix = "" if epochs == CIFAR_EPOCHS else f"_{epochs}ep"
-    return f"cifar_resnet20_seed{seed}{suffix}", {"test_acc": acc, "test_loss": loss, "test_images": len(splits["test"])}, \
-        key, meta, "cifar_resnet"
-
-
-def lm(seed: int, layers: int, log) -> tuple[str, dict, object, dict, str]:
-    from surrogate.lm import PAPER_LM_TRAINING, LMConfig, _source, gpt2_lm, perplexity, wikitext_splits
-    cfg = LMConfig(**LM[layers], block_size=128, n_train_blocks=None, n_val=64, n_score=32)
-    training = replace(PAPER_LM_TRAINING, epochs=1, batch_size=16, device="cpu")
-    splits = wikitext_splits(cfg)
-    model, meta = gpt2_lm(cfg, training, seed=seed, splits=splits, log=log)
-    ppl = perplexity(model, splits["test"])
-    key = (cfg, replace(training, seed=seed), {"data": _source(None), "vocab": 50257})
-    return f"gpt2_{layers}l_seed{seed}", {"test_ppl": ppl, "test_blocks": len(splits["test"])}, key, meta, "gpt2_lm"
+def train_one(name: str, log) -> tuple[dict, tuple, dict, str]:
+    """Train (or load) network ``name`` (surrogate.zoo) and measure it on its whole test split: its metrics,
+    cache key, training metadata and cache kind."""
+    spec, (data, training) = zoo.parse(name), zoo.configs(name)
+    if spec["study"] == "cifar":
+        from surrogate.cifar import _source, cifar_resnet, cifar_splits
+        splits = cifar_splits(data)
+        model, meta = cifar_resnet(data, training, seed=spec["seed"], splits=splits, log=log)
+        loss, acc = _evaluate(model, splits["test"], Task("classification"))
+        key = (data, replace(training, seed=spec["seed"]), {"data": _source(None)})
+        return {"test_acc": acc, "test_loss": loss, "test_images": len(splits["test"])}, key, meta, "cifar_resnet"
+    from surrogate.lm import _source, gpt2_lm, perplexity, wikitext_splits
+    splits = wikitext_splits(data)
+    model, meta = gpt2_lm(data, training, seed=spec["seed"], splits=splits, log=log)
+    key = (data, replace(training, seed=spec["seed"]), {"data": _source(None), "vocab": 50257})
+    return {"test_ppl": perplexity(model, splits["test"]), "test_blocks": len(splits["test"])}, key, meta, "gpt2_lm"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("study", choices=["cifar", "lm"])
     ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--layers", type=int, default=12, choices=sorted(LM))
-    ap.add_argument("--epochs", type=int, default=CIFAR_EPOCHS, help="CIFAR only (development networks may be shorter)")
+    ap.add_argument("--layers", type=int, default=12, choices=sorted(zoo.GPT2_SIZES))
+    ap.add_argument("--epochs", type=int, default=zoo.CIFAR_EPOCHS,
+                    help="CIFAR only (development networks may be shorter)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--check", action="store_true", help="retrain into the cache and compare with the manifest")
     args = ap.parse_args()
@@ -70,7 +61,11 @@ def main() -> None:
         os.environ[RETRAIN_ENV] = "1"
     log = lambda m: print(m, flush=True)  # noqa: E731
     start = time.time()
-    name, metrics, key, meta, kind = cifar(args.seed, args.epochs, log) if args.study == "cifar" else lm(args.seed, args.layers, log)
+    if args.study == "cifar":
+        name = f"cifar_resnet20_seed{args.seed}" + ("" if args.epochs == zoo.CIFAR_EPOCHS else f"_{args.epochs}ep")
+    else:
+        name = f"gpt2_{args.layers}l_seed{args.seed}"
+    metrics, key, meta, kind = train_one(name, log)
     minutes = (time.time() - start) / 60
     print(name, {k: round(v, 4) for k, v in metrics.items()}, f"{minutes:.1f} min", flush=True)
     if args.check:

@@ -52,3 +52,17 @@ def test_shipped_checkpoint_is_used_before_training(tmp_path, monkeypatch):
     monkeypatch.setenv(RETRAIN_ENV, "1")  # make paper RETRAIN=1: train again, ignore the shipped copy
     cached_model(key, Tied, fit, cache_dir=tmp_path / "cache", kind="toy")
     assert len(calls) == 2
+
+
+def test_zoo_names_and_configs():
+    import pytest
+    from surrogate import zoo
+    assert zoo.parse("cifar_resnet20_seed0") == {"study": "cifar", "seed": 0, "epochs": zoo.CIFAR_EPOCHS}
+    assert zoo.parse("cifar_resnet20_seed100_12ep")["epochs"] == 12
+    assert zoo.parse("gpt2_12l_seed2") == {"study": "lm", "seed": 2, "layers": 12}
+    for bad in ("gpt2_7l_seed0", "resnet_seed0", "cifar_resnet20_seedx"):
+        with pytest.raises(ValueError):
+            zoo.parse(bad)
+    data, training = zoo.configs("gpt2_12l_seed0")
+    assert (data.n_layer, data.n_embd, training.epochs) == (12, 160, 1)
+    assert zoo.configs("cifar_resnet20_seed100_12ep")[1].epochs == 12
