@@ -24,7 +24,7 @@ import csv
 import io
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -45,8 +45,8 @@ from .methods import Context
 from .search import SEARCHES, Problem, evolution, run_search
 from . import sequential as _sequential  # noqa: F401  (registers this project's searches)
 
-__all__ = ["BenchConfig", "BenchResult", "resolve_budgets", "run_bench", "load_truth", "save_truth", "at_budgets",
-           "regret_summary", "head_to_head"]
+__all__ = ["BenchConfig", "BenchResult", "Study", "STUDIES", "score", "evaluation_subset", "resolve_budgets",
+           "run_bench", "load_truth", "save_truth", "at_budgets", "regret_summary", "head_to_head"]
 
 
 @dataclass(frozen=True)
@@ -347,3 +347,71 @@ def head_to_head(table: pd.DataFrame, ours: str, value: str = "regret", tol: flo
                          "ties": int((d.abs() <= tol).sum()), "losses": int((d > tol).sum()),
                          "mean_diff": float(d.mean()), "wilcoxon_p": test["wilcoxon_p"]})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the paper's studies as a benchmark
+
+@dataclass(frozen=True)
+class Study:
+    """A study of the paper as a benchmark: its networks (``surrogate.zoo`` names), the truth's evaluation subset
+    (``n_eval`` test samples drawn with seed 0) and the protocol (``config``: units, pruning and pass budgets)."""
+    networks: tuple[str, ...]
+    config: BenchConfig
+    n_eval: int
+    load: Callable[..., tuple[nn.Module, dict[str, Subset], Task]] | None = field(default=None, compare=False)
+    # load(name, data_dir, log) -> (network, splits with "scoring" and "test", task); None: surrogate.zoo.load
+
+
+def _sublayers() -> str:
+    from .lm import SUBLAYER_BRANCHES
+    return SUBLAYER_BRANCHES
+
+
+STUDIES: dict[str, Study] = {
+    "cifar": Study(tuple(f"cifar_resnet20_seed{s}" for s in range(3)),
+                   BenchConfig(units=None, ks=(3, 5), strategy="prefix", batch_size=500), 1000),
+    "gpt2_12l": Study(tuple(f"gpt2_12l_seed{s}" for s in range(3)),
+                      BenchConfig(units=_sublayers(), ks=(6,), batch_size=16), 16),
+}
+
+
+def evaluation_subset(test: Subset, n: int) -> Subset:
+    """The first ``n`` samples of a seed-0 permutation of ``test``, named by both (truth tables key on the name)."""
+    import torch
+    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n]
+    return Subset(f"{test.name}[{len(pick)} of {len(test)}, seed 0]", test.inputs[pick], test.targets[pick])
+
+
+def score(searches: Sequence[str], study: str | Study = "cifar", *, zero_shot: Sequence[str] = (),
+          networks: Sequence[str] | None = None, budgets: Sequence[str] | None = None,
+          truth: str | Path | None = None, save_truth_to: str | Path | None = None,
+          data_dir: str | Path | None = None, seed: int = 0, log: Callable[[str], None] | None = print) -> BenchResult:
+    """Benchmark ``searches`` (registered in ``surrogate.search.SEARCHES``: the field's, this project's, or your own)
+    and ``zero_shot`` criteria on a study's networks at its pass budgets, against the truth (module docstring).
+    ``truth``: a truth table (CSV) whose measurements are reused, e.g. the paper's ``truth/<study>.csv``;
+    ``save_truth_to``: where to write the table extended by every mask measured here (default: nowhere). The
+    records carry a ``network`` column."""
+    from . import zoo
+    if not isinstance(study, Study) and study not in STUDIES:
+        raise KeyError(f"unknown study {study!r}; studies: {', '.join(STUDIES)} (or pass a bench.Study)")
+    spec = study if isinstance(study, Study) else STUDIES[study]
+    load = spec.load or zoo.load
+    config = replace(spec.config, searches=tuple(searches), zero_shot=tuple(zero_shot),
+                            **({"budgets": tuple(budgets)} if budgets is not None else {}))
+    out = BenchResult([], [], [])
+    for name in networks or spec.networks:
+        net, splits, task = load(name, data_dir, log)
+        evaluation = evaluation_subset(splits["test"], spec.n_eval)
+        graph = build_graph(net, splits["scoring"].inputs[:4])
+        oracle = LossOracle(GatedModel(graph), evaluation, task, batch_size=config.batch_size, strategy=config.strategy)
+        if truth is not None:
+            load_truth(truth, name, oracle)
+        res = run_bench(graph, splits["scoring"], evaluation, task, config, seed=seed, truth=oracle, log=log)
+        for part in ("picks", "ranking", "reach"):
+            getattr(out, part).extend({"network": name, **r} for r in getattr(res, part))
+        if save_truth_to is not None:
+            save_truth(save_truth_to, name, oracle)
+    return out
+
+

@@ -219,3 +219,32 @@ def test_summaries_over_networks_pair_ours_with_each_method_at_equal_passes():
     h2h = head_to_head(table, "ours").set_index(["P", "method"])
     assert h2h.loc[(10, "rs"), ["wins", "ties", "losses"]].tolist() == [3, 0, 0]
     assert h2h.loc[(20, "zs"), ["wins", "ties", "losses"]].tolist() == [0, 3, 0]
+
+
+def test_a_method_from_outside_the_package_is_benchmarked_in_a_few_lines(tmp_path):
+    """The README's promise: register a search, score it on a study, compare it with the truth."""
+    from surrogate.bench import BenchConfig, Study, score
+    from surrogate.search import Search, register_search
+
+    def last_units(problem, meter, rng):  # a made-up criterion: remove the last k units, measure nothing
+        mask = np.ones(problem.num_edges, dtype=np.float32)
+        mask[problem.units[-problem.k:]] = 0
+        meter.recommend(mask if problem.feasible(mask)[0] else problem.sample(1, rng)[0])
+
+    register_search(Search("last_units", "Last units", last_units), replace=True)
+
+    def tiny(name, data_dir, log):
+        torch.manual_seed(int(name[-1]))
+        x, y = torch.randn(80, 3, 32, 32), torch.randint(0, 10, (80,))
+        return ResNetCifar(8, 10, 4).eval(), {"scoring": Subset("scoring", x[:32], y[:32]),
+                                               "test": Subset("test", x[32:], y[32:])}, Task("classification")
+
+    study = Study(("tiny0", "tiny1"), BenchConfig(ks=(2,), budgets=("E", "2*E"), ablations=(0.34,),
+                                                  ablation_masks=6), n_eval=40, load=tiny)
+    table = tmp_path / "truth.csv"
+    res = score(["last_units", "random_search"], study, save_truth_to=table, log=None)
+    assert {r["network"] for r in res.picks} == {"tiny0", "tiny1"}
+    mine = [r for r in res.picks if r["method"] == "last_units"]
+    assert len(mine) == 4 and all(r["spent"] == 0 and r["regret"] >= 0 for r in mine)
+    again = score(["last_units"], study, truth=table, log=None)  # the truth is read, not measured again
+    assert [r["loss"] for r in again.picks] == [r["loss"] for r in mine]
