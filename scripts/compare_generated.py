@@ -82,8 +82,8 @@ def compare_file(a: Path, b: Path) -> dict:
 
 
 def compare(old: Path, new: Path, prefix: str = "") -> pd.DataFrame:
-    a = {p.name for p in old.glob(f"{prefix}*") if p.is_file()}
-    b = {p.name for p in new.glob(f"{prefix}*") if p.is_file()}
+    a = {p.name for p in old.glob(f"{prefix}*") if p.is_file() and p.name != "INDEX.csv"}  # which cell wrote what
+    b = {p.name for p in new.glob(f"{prefix}*") if p.is_file() and p.name != "INDEX.csv"}
     for side, only in ((old, a - b), (new, b - a)):
         if only:
             print(f"only in {side}: {', '.join(sorted(only))} (not compared)")

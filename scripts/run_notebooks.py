@@ -1,7 +1,7 @@
-"""Run the study notebooks at a parameter profile, all or nothing.
+"""Run the study notebooks at a parameter profile, all or nothing, and index which cell wrote what.
 
-    python scripts/run_notebooks.py [--only 01_synthetic ...] [--jobs 2] [--set device=cuda ...]
-                                    [--staging build/staging] [--root .]
+    python scripts/run_notebooks.py [--only 01_synthetic ...] [--jobs 2] [--set device=cuda ...] [--fast]
+                                    [--staging build/staging] [--root .] [--recover]
 
 Every notebook ``notebooks/NN_name.ipynb`` is executed by papermill with ``notebooks/params/NN_name.yaml``
 (the paper profile), writing its figures and tables into a staging folder (``build/staging``) instead of
@@ -10,6 +10,11 @@ model, time estimates). Only when every notebook succeeded are the staged files 
 ones, all or nothing: both folders are swapped for complete new copies, with a journal, so that an interrupt
 is completed by the next run (or ``--recover``); a failure names the notebook and cell and leaves every
 committed figure, table and macro exactly as it was. The executed notebooks are kept in ``build/executed``.
+``paper/generated/INDEX.csv`` lists every macro (name and value), table and figure with the notebook, cell
+(number, id, section heading) that wrote it, from the records ``surrogate.paper``'s writers leave in the
+executed notebooks; rows of files a run did not write are kept.
+``--fast`` runs the notebooks at their stored (fast) defaults instead, into ``build/fast/`` (figures,
+generated with its own INDEX.csv, executed), and publishes nothing.
 With ``--jobs N`` up to N notebooks run at once, each kernel pinned to one thread and a notebook's own
 ``workers`` parameter set to 1 (one core per notebook; their output interleaves, each line of a notebook's own
 log is in its executed copy); the longest notebooks start first, by the ``_cold_minutes`` estimate in their
@@ -21,12 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this project's package, whatever --root says
+
 STAGING = Path("build/staging")
+FAST = Path("build/fast")
 EXECUTED = Path("build/executed")
 TARGETS = {"figures": Path("figures"), "generated": Path("paper/generated")}
 
@@ -41,30 +50,33 @@ def notebooks(root: Path, only: list[str] | None) -> list[Path]:
     return found
 
 
-def run(root: Path, nb: Path, params: Path, staging: Path, extra: dict | None = None, one_core: bool = False) -> None:
-    """Execute one notebook with its profile and ``extra`` overrides into ``staging``. With ``one_core`` (it shares
-    the machine with other notebooks), or on an accelerator (one process drives it), its own ``workers``
-    parameter, if it has one and ``extra`` does not set it, goes to 1."""
+def run(root: Path, nb: Path, params: Path | None, outputs: Path, executed: Path, extra: dict | None = None,
+        one_core: bool = False) -> None:
+    """Execute one notebook with its profile (None: its stored defaults) and ``extra`` overrides, writing its
+    figures and tables into ``outputs``/{figures,generated} and the executed copy into ``executed``. With
+    ``one_core`` (it shares the machine with other notebooks), or on an accelerator (one process drives it), its
+    own ``workers`` parameter, if it has one and ``extra`` does not set it, goes to 1."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
-    out = root / EXECUTED / nb.name
+    out = executed / nb.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    overrides = {"fig_dir": str(staging / "figures"), "out_dir": str(staging / "generated")}
+    overrides = {"fig_dir": str(outputs / "figures"), "out_dir": str(outputs / "generated")}
     changes = dict(extra or {})
-    values = _notebook_values(_params(params)) | changes
+    values = (_notebook_values(_params(params)) if params else {}) | changes
     accelerator = str(values.get("device", "cpu")).split(":")[0] != "cpu"
     if (one_core or accelerator) and "workers" in values and "workers" not in changes:
         changes["workers"] = 1
     values |= changes | overrides
     start = time.time()
     changed = "".join(f", {k}={v!r}" for k, v in changes.items())
-    print(f"\n=== {nb.stem}: running with {params.relative_to(root)}{changed} ===", flush=True)
+    profile = params.relative_to(root) if params else "its stored (fast) defaults"
+    print(f"\n=== {nb.stem}: running with {profile}{changed} ===", flush=True)
     try:
         pm.execute_notebook(str(nb), str(out), parameters=values, cwd=str(nb.parent),
                             progress_bar=False, stdout_file=sys.stdout, stderr_file=sys.stderr)  # each line once
     except PapermillExecutionError as exc:
         raise SystemExit(f"\n{nb.stem} failed in cell {exc.exec_count} ({exc.ename}: {exc.evalue}); the executed "
-                         f"notebook is {out}. Nothing was published: figures/ and paper/generated/ are unchanged.")
+                         f"notebook is {out}.")
     print(f"=== {nb.stem}: done in {(time.time() - start) / 60:.1f} min ===", flush=True)
 
 
@@ -130,6 +142,60 @@ def _cold_minutes(root: Path, nb: Path) -> float:
     return float(value)
 
 
+# Which notebook and cell wrote every macro, table and figure: surrogate.paper's writers leave a record in the
+# running cell's outputs (OUTPUT_MIME), which papermill keeps in the executed notebook.
+INDEX = "INDEX.csv"
+WRITER = ("notebook", "cell", "cell_id", "section")
+_MACRO_LINE = re.compile(r"\\newcommand\{(\\[A-Za-z]+)\}\{(.*)\}$")
+
+
+def written_by(executed: Path, notebook: str, shown: dict[Path, str]) -> dict[str, dict]:
+    """Every file the executed notebook recorded writing, as ``shown[folder]/name``, -> its writer: the
+    ``notebook``, the cell's number (from 1, markdown cells included, as in the notebook itself), its id and the
+    heading of the section it is in."""
+    import nbformat
+    from surrogate.paper import OUTPUT_MIME
+    folders = {folder.resolve(): name for folder, name in shown.items()}
+    found, number, section = {}, 0, ""
+    for cell in nbformat.read(executed, as_version=4).cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            continue  # papermill's, not a cell of the notebook
+        number += 1
+        if cell.cell_type == "markdown":
+            headings = [line.lstrip("#").strip() for line in cell.source.splitlines() if line.startswith("#")]
+            section = headings[-1] if headings else section
+        for output in cell.get("outputs", []):
+            record = output.get("data", {}).get(OUTPUT_MIME)
+            if record:
+                path = Path(record["path"])
+                key = f"{folders[path.parent]}/{path.name}" if path.parent in folders else str(path)
+                found[key] = {"notebook": notebook, "cell": number, "cell_id": cell.get("id", ""), "section": section}
+    return found
+
+
+def write_index(index: Path, folders: dict[str, Path], writers: dict[str, dict]) -> int:
+    """Write ``index`` (CSV): a row per macro (name, value) and per other file in ``folders`` (shown name ->
+    folder), with the notebook and cell that wrote it: from ``writers`` (shown path -> writer), else the row
+    already in ``index`` (a file this run did not write), else empty (not written by a notebook). Returns rows."""
+    import pandas as pd
+    from surrogate.paths import atomic_write
+    previous = pd.read_csv(index, dtype=str, keep_default_na=False) if index.exists() else pd.DataFrame()
+    kept = {row["file"]: {k: row[k] for k in WRITER} for _, row in previous.iterrows()}
+    rows = []
+    for shown, folder in folders.items():
+        for path in sorted(folder.iterdir()):
+            if not path.is_file() or path.name == INDEX or path.name.startswith("."):
+                continue
+            name = f"{shown}/{path.name}"
+            writer = writers.get(name) or kept.get(name) or dict.fromkeys(WRITER, "")
+            text = path.read_text(errors="replace") if path.suffix == ".tex" else ""
+            macros = [m.groups() for m in map(_MACRO_LINE.match, text.splitlines()) if m]
+            rows += [{"macro": macro, "value": value, "file": name, **writer} for macro, value in macros or [("", "")]]
+    table = pd.DataFrame(rows, columns=["macro", "value", "file", *WRITER])
+    atomic_write(index, table.to_csv(index=False, lineterminator="\n"))
+    return len(table)
+
+
 # Publishing is all or nothing across figures/ and paper/generated/: complete new copies of both folders are
 # built beside them (<folder>.publish-new), a journal is written, and each folder is swapped in by two renames
 # (folder -> <folder>.publish-old, <folder>.publish-new -> folder). A journal on disk means the new copies are
@@ -175,9 +241,9 @@ def recover(root: Path) -> str | None:
             "unchanged") if leftovers else None
 
 
-def publish(root: Path, staging: Path) -> int:
-    """Replace figures/ and paper/generated/ by copies with every staged file added or replaced, all or nothing."""
-    sys.path.insert(0, str(root))
+def publish(root: Path, staging: Path, writers: dict[str, dict] | None = None) -> int:
+    """Replace figures/ and paper/generated/ by copies with every staged file added or replaced and the index
+    updated with ``writers`` (see ``write_index``), all or nothing."""
     from surrogate.paths import atomic_write
     recover(root)
     count = 0
@@ -190,6 +256,8 @@ def publish(root: Path, staging: Path) -> int:
             if src.is_file():
                 shutil.copyfile(src, new / src.name)
                 count += 1
+    write_index(root / f"{TARGETS['generated']}{NEW}" / INDEX,
+                {str(t): root / f"{t}{NEW}" for t in TARGETS.values()}, writers or {})
     atomic_write(root / JOURNAL, json.dumps({"swap": [str(t) for t in TARGETS.values()]}) + "\n")
     try:
         _roll_forward(root)
@@ -200,10 +268,44 @@ def publish(root: Path, staging: Path) -> int:
     return count
 
 
+def execute(root: Path, todo: list[Path], profiles: dict[Path, Path | None], outputs: Path, executed: Path,
+            extra: dict, jobs: int) -> None:
+    """Run every notebook in ``todo``, ``jobs`` at a time (longest first); SystemExit naming each failed cell."""
+    start = time.time()
+    if jobs == 1 or len(todo) == 1:
+        for i, nb in enumerate(todo):
+            print(f"[{i + 1}/{len(todo)}] {nb.stem} ({(time.time() - start) / 60:.0f} min so far)", flush=True)
+            run(root, nb, profiles[nb], outputs, executed, extra)
+        return
+    # longest first (their cold-run estimates): the shorter notebooks then fill the other cores
+    todo = sorted(todo, key=lambda nb: -_cold_minutes(root, nb))
+    print("running " + ", ".join(nb.stem for nb in todo) + f" with {jobs} at a time", flush=True)
+    from concurrent.futures import ProcessPoolExecutor
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # inherited by every kernel
+    try:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(run, root, nb, profiles[nb], outputs, executed, extra, one_core=True) for nb in todo]
+            failed = []
+            for fut in futures:
+                try:
+                    fut.result()
+                except SystemExit as exc:  # the notebook's own message: which cell failed
+                    failed.append(str(exc))
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    if failed:
+        raise SystemExit("\n".join(failed))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=".", help="the project folder")
     ap.add_argument("--only", nargs="*", help="notebook names (e.g. 01_synthetic); default: all")
+    ap.add_argument("--fast", action="store_true",
+                    help=f"run at the notebooks' stored (fast) defaults into {FAST}/ (figures, generated with its "
+                         "INDEX.csv, executed), publishing nothing")
     ap.add_argument("--jobs", type=int, default=1,
                     help="notebooks run at once (each kernel pinned to one thread when more than one)")
     ap.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
@@ -219,45 +321,36 @@ def main(argv: list[str] | None = None) -> None:
         print(done or "nothing to recover: no publish was interrupted", flush=True)
     if args.recover:
         return
-    staging = root / args.staging
     todo = notebooks(root, args.only)
     extra = _settings(args.set)
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be at least 1, got {args.jobs}")
-    for nb in todo:  # before anything runs: a misspelt parameter would be injected and silently ignored
-        params = root / "notebooks" / "params" / f"{nb.stem}.yaml"
-        _check_names(nb, {str(params.relative_to(root)): _notebook_values(_params(params)), "--set": extra})
-    shutil.rmtree(staging, ignore_errors=True)  # only once the run can start: the last staged outputs stay till then
+    profiles = {nb: None if args.fast else root / "notebooks" / "params" / f"{nb.stem}.yaml" for nb in todo}
+    for nb, params in profiles.items():  # before anything runs: a misspelt parameter would be injected and ignored
+        _check_names(nb, {"--set": extra} | ({} if params is None else
+                                             {str(params.relative_to(root)): _notebook_values(_params(params))}))
+    outputs, executed = (root / FAST, root / FAST / "executed") if args.fast else (root / args.staging, root / EXECUTED)
+    if not args.fast:
+        shutil.rmtree(outputs, ignore_errors=True)  # only once the run can start: the last staged outputs stay till then
     start = time.time()
-    if args.jobs == 1 or len(todo) == 1:
-        for i, nb in enumerate(todo):
-            print(f"[{i + 1}/{len(todo)}] {nb.stem} ({(time.time() - start) / 60:.0f} min so far)", flush=True)
-            run(root, nb, root / "notebooks" / "params" / f"{nb.stem}.yaml", staging, extra)
+    try:
+        execute(root, todo, profiles, outputs, executed, extra, args.jobs)
+    except SystemExit as exc:
+        raise SystemExit(str(exc) + ("" if args.fast else " Nothing was published: figures/ and paper/generated/ "
+                                                          "are unchanged."))
+    shown = {k: str(FAST / k) if args.fast else str(t) for k, t in TARGETS.items()}
+    writers = {}
+    for nb in todo:
+        writers |= written_by(executed / nb.name, str(nb.relative_to(root)), {outputs / k: shown[k] for k in TARGETS})
+    took = f"all {len(todo)} notebooks succeeded in {(time.time() - start) / 60:.1f} min"
+    if args.fast:
+        n = write_index(outputs / "generated" / INDEX, {shown[k]: outputs / k for k in TARGETS}, writers)
+        print(f"\n{took}; their outputs are in {FAST}/ (which cell wrote what: {FAST}/generated/{INDEX}, "
+              f"{n} rows)", flush=True)
     else:
-        # longest first (their cold-run estimates): the shorter notebooks then fill the other cores
-        todo = sorted(todo, key=lambda nb: -_cold_minutes(root, nb))
-        print("running " + ", ".join(nb.stem for nb in todo) + f" with {args.jobs} at a time", flush=True)
-        from concurrent.futures import ProcessPoolExecutor
-        saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-        os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # inherited by every kernel
-        try:
-            with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-                futures = [pool.submit(run, root, nb, root / "notebooks" / "params" / f"{nb.stem}.yaml", staging,
-                                       extra, one_core=True) for nb in todo]
-                failed = []
-                for fut in futures:
-                    try:
-                        fut.result()
-                    except SystemExit as exc:  # the notebook's own message: which cell failed
-                        failed.append(str(exc))
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        if failed:
-            raise SystemExit("\n".join(failed))
-    n = publish(root, staging)
-    print(f"\nall {len(todo)} notebooks succeeded in {(time.time() - start) / 60:.1f} min; published {n} files "
-          "to figures/ and paper/generated/", flush=True)
+        n = publish(root, outputs, writers)
+        print(f"\n{took}; published {n} files to figures/ and paper/generated/ (which cell wrote what: "
+              f"paper/generated/{INDEX})", flush=True)
 
 
 if __name__ == "__main__":

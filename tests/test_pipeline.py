@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
@@ -53,7 +54,7 @@ def test_a_failing_notebook_publishes_nothing(tmp_path, capsys, jobs):
     with pytest.raises(SystemExit, match=r"02_b failed in cell .*forced failure"):
         _runner().main(["--root", str(root), "--jobs", jobs])
     assert (root / "paper" / "generated" / "01_a.tex").read_text() == "old"
-    assert sorted(p.name for p in (root / "paper" / "generated").iterdir()) == ["01_a.tex"]
+    assert sorted(p.name for p in (root / "paper" / "generated").iterdir()) == ["01_a.tex"]  # no INDEX.csv either
     assert not any((root / "figures").iterdir())
 
 
@@ -137,7 +138,7 @@ def test_a_misspelt_parameter_stops_the_run_before_anything_runs(tmp_path, where
 
 def _published(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): p.read_text() for d in ("figures", "paper/generated")
-            for p in sorted((root / d).iterdir())}
+            for p in sorted((root / d).iterdir()) if p.name != "INDEX.csv"}
 
 
 @pytest.mark.parametrize("interrupted_rename", [1, 2, 3, 4])
@@ -190,3 +191,43 @@ def test_an_interrupt_while_copying_leaves_the_committed_folders_untouched(tmp_p
     assert "undone" in capsys.readouterr().out
     assert not (root / "figures.publish-new").exists() and not (root / "paper" / "generated.publish-new").exists()
     assert _published(root) == {"paper/generated/01_a.tex": "old"}
+
+
+def _writing_notebook(path: Path, name: str) -> None:
+    """A notebook that writes a macro whose name is assembled in code, and a figure, through surrogate.paper."""
+    cells = [new_code_cell("fig_dir = None\nout_dir = None\nvalue = 1", metadata={"tags": ["parameters"]}),
+             nbformat.v4.new_markdown_cell("## Numbers for the text"),
+             new_code_cell("from pathlib import Path\nimport matplotlib\nmatplotlib.use('Agg')\n"
+                           "import matplotlib.pyplot as plt\n"
+                           "from surrogate.paper import macro_name, save_figure, write_macros\n"
+                           f"write_macros(Path(out_dir) / '{name}_macros.tex', {{macro_name('Syn', '{name}', 2): 0.785}})\n"
+                           f"save_figure(plt.figure(), Path(fig_dir) / '{name}.pdf')")]
+    nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                      "language": "python"}}), path)
+
+
+def test_the_index_names_the_notebook_and_cell_of_every_macro_and_figure(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the kernels import this checkout's surrogate
+    root = _project(tmp_path, fail_last=False)
+    (root / "paper" / "generated" / "rerun_macros.tex").write_text("\\newcommand{\\RerunX}{3}\n")  # from a script
+    for name in ("01_a", "02_b"):
+        _writing_notebook(root / "notebooks" / f"{name}.ipynb", name)
+    runner = _runner()
+    runner.main(["--root", str(root)])
+    index = pd.read_csv(root / "paper" / "generated" / "INDEX.csv", dtype=str, keep_default_na=False)
+    rows = {(r.macro or r.file): r for r in index.itertuples()}
+    macro = rows["\\SynZeroOneATwo"]  # assembled by macro_name: literally in the index
+    assert (macro.value, macro.file, macro.notebook) == ("0.785", "paper/generated/01_a_macros.tex",
+                                                         "notebooks/01_a.ipynb")
+    assert (macro.cell, macro.cell_id, macro.section) == ("3", nbformat.read(root / "notebooks" / "01_a.ipynb", 4)
+                                                          .cells[2].id, "Numbers for the text")
+    assert rows["figures/02_b.pdf"].notebook == "notebooks/02_b.ipynb" and rows["figures/02_b.pdf"].cell == "3"
+    assert rows["\\RerunX"].notebook == ""  # not written by a notebook: listed, with no writer
+    # a run of one notebook keeps the other notebook's rows; a fast run indexes its own folder
+    runner.main(["--root", str(root), "--only", "02_b"])
+    again = pd.read_csv(root / "paper" / "generated" / "INDEX.csv", dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(again, index)
+    runner.main(["--root", str(root), "--only", "01_a", "--fast"])
+    fast = pd.read_csv(root / "build" / "fast" / "generated" / "INDEX.csv", dtype=str, keep_default_na=False)
+    assert set(fast.file) == {"build/fast/generated/01_a_macros.tex", "build/fast/figures/01_a.pdf"}
+    assert set(fast.notebook) == {"notebooks/01_a.ipynb"}
