@@ -2,8 +2,9 @@
 count over seeds, predicted against true loss), and a layered drawing of a computation graph with its
 prunable edges (and their importances).
 
-Sizes are in inches at the size printed: ``COLUMN`` (one column of the paper) and ``TEXT`` (full width);
-the theme's fonts are 8 pt, so text stays readable when a figure is included at its own width.
+Sizes are in inches at the size printed: ``TEXT`` is the paper's text width (a NeurIPS-style single column,
+5.5 in) and ``COLUMN`` half of it (two figures side by side, or one narrow figure). Every text of the theme is 8 pt,
+so a figure included at the width it was drawn for prints its text at 8 pt; the paper's tests check at least 7 pt.
 """
 from __future__ import annotations
 
@@ -22,18 +23,20 @@ if TYPE_CHECKING:
 __all__ = ["COLUMN", "TEXT", "set_theme", "method_palette", "lines", "scatter_grid", "layered_layout",
            "draw_graph"]
 
-COLUMN, TEXT = 3.3, 6.8   # inches
+COLUMN, TEXT = 2.7, 5.5   # inches: half the text width and the text width of the paper (paper/main.tex)
+FONT = 8                  # points, every text of the theme
 
 
 def set_theme() -> None:
-    """The project's figure style: seaborn "paper" context, white grid, 8 pt text, vector-friendly PDFs."""
+    """The project's figure style: seaborn "paper" context, white grid, every text at ``FONT`` pt (one size, so
+    that nothing prints below 7 pt when a figure is included at the width it was drawn for), vector PDFs."""
     import matplotlib
     import seaborn as sns
+    sizes = ("font.size", "axes.titlesize", "axes.labelsize", "xtick.labelsize", "ytick.labelsize",
+             "legend.fontsize", "legend.title_fontsize", "figure.titlesize")
     sns.set_theme(context="paper", style="whitegrid", font_scale=1.0,
-                  rc={"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7,
-                      "ytick.labelsize": 7, "legend.fontsize": 7, "legend.title_fontsize": 7,
-                      "lines.linewidth": 1.2, "lines.markersize": 3.5, "pdf.fonttype": 42,
-                      "savefig.bbox": "tight", "savefig.pad_inches": 0.02})
+                  rc={**dict.fromkeys(sizes, FONT), "lines.linewidth": 1.2, "lines.markersize": 3.5,
+                      "pdf.fonttype": 42, "savefig.bbox": "tight", "savefig.pad_inches": 0.02})
     matplotlib.rcParams["axes.titleweight"] = "normal"
 
 
@@ -56,6 +59,7 @@ def lines(df: "pd.DataFrame", x: str, y: str, methods: Sequence[str], *, panel: 
     (and ``panel``) drawn as a dashed black line (e.g. the oracle). Returns the figure."""
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.ticker import LogFormatter
     labels = labels or default_label
     values = list(panels) if panels is not None else (sorted(df[panel].unique()) if panel else [None])
     if len(values) > max_panels:
@@ -78,16 +82,28 @@ def lines(df: "pd.DataFrame", x: str, y: str, methods: Sequence[str], *, panel: 
                 sns.lineplot(data=r, x=x, y=y, ax=ax, color="black", ls="--", lw=1.0, errorbar="se",
                              label=reference_label, legend=False)
         if logy:
-            ax.set_yscale(logy, **({"linthresh": 0.01} if logy == "symlog" else {}))
+            log_kw = {"linthresh": 0.01} if logy == "symlog" else {}
+            ax.set_yscale(logy, **log_kw)
+            # plain tick labels (300, 1e-02): mathtext's 3x10^2 prints its exponent at 70% of the font size
+            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False, **log_kw))
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4), **log_kw))
         ax.set_title(panel_title(v) if panel else "")
         ax.set_xlabel(xlabel or x)
         ax.set_ylabel(ylabel or y if ax is axes[0, 0] else "")
     if legend:
         handles, names = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(5, len(names)),
-                   frameon=False)
+        fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=_legend_columns(names, width), frameon=False)
     fig.tight_layout()
     return fig
+
+
+def _legend_columns(names: Sequence[str], width: float) -> int:
+    """As many legend columns as fit in ``width`` inches: a legend wider than its figure widens the saved PDF,
+    which then prints smaller, text included (a character of the theme's font is about 0.6 of its size wide;
+    each entry also has a line sample and a gap of about four characters)."""
+    per_column = 0.6 * FONT * (max(map(len, names), default=1) + 4) / 72
+    return max(1, min(len(names), 5, int(width // per_column)))
 
 
 def scatter_grid(predictions: Mapping[str, np.ndarray], truth: np.ndarray, methods: Sequence[str], *,

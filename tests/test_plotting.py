@@ -1,0 +1,70 @@
+"""The figure theme prints readably: the study figures, drawn as the notebooks draw them and included at the width
+they were drawn for (``TEXT`` or ``COLUMN``), show no text below 7 pt."""
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from pdf_fonts import page_width, text_sizes  # noqa: E402
+from surrogate.methods import METHODS  # noqa: E402
+from surrogate.paper import save_figure  # noqa: E402
+from surrogate.plotting import COLUMN, FONT, TEXT, lines, scatter_grid, set_theme  # noqa: E402
+
+MIN_PT = 7.0
+LONGEST = sorted(METHODS, key=lambda m: -len(METHODS[m].label))  # the widest legends the registry can make
+
+
+def printed_sizes(fig, tmp_path, width_in: float) -> np.ndarray:
+    """Text sizes once the saved figure is scaled to ``width_in`` inches."""
+    path = tmp_path / "f.pdf"
+    save_figure(fig, path)
+    return np.array(text_sizes(path)) * width_in * 72 / page_width(path)
+
+
+def curves(methods, panels=(2, 5, 14, 30), xs=(5, 20, 30), seeds=2, low=1e-3, high=0.9):
+    rng = np.random.default_rng(0)
+    return pd.DataFrame([{"method": m, "size": p, "x": x, "seed": s, "y": float(rng.uniform(low, high))}
+                         for m in methods for p in panels for x in xs for s in range(seeds)])
+
+
+@pytest.fixture(autouse=True)
+def theme():
+    set_theme()
+
+
+@pytest.mark.parametrize("logy", [None, "symlog"])
+def test_full_width_panels_print_at_least_7pt(tmp_path, logy):
+    methods = LONGEST[:9]  # the synthetic study's regret and efficiency figures: 4 panels, 9 methods
+    fig = lines(curves(methods), "x", "y", methods, panel="size", xlabel="edges removed (%)",
+                ylabel="regret (true loss)", logy=logy, height=2.2)
+    sizes = printed_sizes(fig, tmp_path, TEXT)
+    assert sizes.min() >= MIN_PT, f"smallest text {sizes.min():.1f} pt"
+
+
+@pytest.mark.parametrize("logy", [None, "log"])
+def test_half_width_figure_with_reference_prints_at_least_7pt(tmp_path, logy):
+    methods = LONGEST[:6]  # the CIFAR accuracy and GPT-2 perplexity figures: one panel, 6 methods and the oracle
+    df = curves(methods, panels=(0,), xs=(1, 2, 3, 4, 5, 6), low=200, high=5000)
+    oracle = df.groupby("x", as_index=False).y.min()
+    fig = lines(df, "x", "y", methods, reference=oracle, reference_label="exhaustive oracle", width=COLUMN,
+                height=2.4, xlabel="residual branches removed", ylabel="test perplexity", logy=logy)
+    sizes = printed_sizes(fig, tmp_path, COLUMN)
+    assert sizes.min() >= MIN_PT, f"smallest text {sizes.min():.1f} pt"
+
+
+def test_scatter_grid_prints_at_least_7pt(tmp_path):
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(0, 2, 50)
+    methods = LONGEST[:6]
+    fig = scatter_grid({m: truth + rng.normal(0, 0.1, 50) for m in methods}, truth, methods,
+                       rho={m: 0.9 for m in methods}, width=TEXT, height=1.6)
+    sizes = printed_sizes(fig, tmp_path, TEXT)
+    assert sizes.min() >= MIN_PT, f"smallest text {sizes.min():.1f} pt"
+
+
+def test_theme_has_one_text_size():
+    import matplotlib as mpl
+    keys = ["font.size", "axes.titlesize", "axes.labelsize", "xtick.labelsize", "ytick.labelsize", "legend.fontsize"]
+    assert {mpl.rcParams[k] for k in keys} == {FONT} and FONT >= MIN_PT
