@@ -180,7 +180,7 @@ def edge_similarities(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
         for b0 in range(0, len(ctx.scoring), ctx.batch_size):
             stash.clear()
             left.update(need)
-            run_nodes(module, (ctx.scoring.inputs[b0:b0 + ctx.batch_size],), hook)
+            run_nodes(module, ctx.scoring[b0:b0 + ctx.batch_size].args(module), hook)
     bad = [graph.prunable[i].name for i in np.flatnonzero(acc[:, 1] == 0)]
     if bad:
         raise ValueError(f"no floating-point output to compare at the destination of {bad[:3]}: these criteria "
@@ -312,7 +312,7 @@ def angular_distances(ctx: Context) -> np.ndarray:
     with measuring(*_modes(ctx)):
         for b0 in range(0, len(ctx.scoring), ctx.batch_size):
             vals.clear()
-            run_nodes(ctx.graph.module, (ctx.scoring.inputs[b0:b0 + ctx.batch_size],), hook)
+            run_nodes(ctx.graph.module, ctx.scoring[b0:b0 + ctx.batch_size].args(ctx.graph.module), hook)
             for i in range(big):
                 for j in range(i, big):
                     h, y = vals[h_nodes[i]], vals[y_nodes[j]]
@@ -388,9 +388,8 @@ def taylor_plus_scores(ctx: Context) -> np.ndarray:
     leaves = {name: p.detach().requires_grad_(True) for name, p in module.named_parameters()}
     grads = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in leaves.items()}
     with measuring(*_modes(ctx)), torch.enable_grad():
-        for b0 in range(0, n, ctx.batch_size):
-            x, y = ctx.scoring.inputs[b0:b0 + ctx.batch_size], ctx.scoring.targets[b0:b0 + ctx.batch_size]
-            out = torch.func.functional_call(module, leaves, (x,))
+        for x, y in ctx.scoring.batches(ctx.batch_size, module):
+            out = torch.func.functional_call(module, leaves, x)
             loss = ctx.task.per_sample(out, y)[0].sum() / n
             gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             for name, g in zip(leaves, gs):

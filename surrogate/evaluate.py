@@ -1,7 +1,7 @@
 """Ground truth: the loss S(m) (and accuracy / perplexity) of the gated model under each mask."""
 from __future__ import annotations
 
-import itertools
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -9,60 +9,15 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .gating import _GATES_ATTR, GatedModel, check_mask, gate_indices
-from .measuring import measuring
+from .measuring import measuring, model_device
 from .progress import Ticker
+from .tasks import Subset, Task, check_data, check_output
 
 __all__ = ["Task", "Subset", "MaskEval", "evaluate_masks", "default_masks_per_pass", "measuring",
            "MAX_PASS_ELEMENTS"]
-
-
-@dataclass(frozen=True)
-class Task:
-    """How outputs and targets become per-sample losses.
-
-    classification: logits (B, C), labels (B,), cross-entropy and accuracy.
-    lm: logits (B, T, V) for input_ids (B, T); next-token cross-entropy averaged over the T-1 predicted
-        tokens of each sequence, next-token accuracy; perplexity = exp(mean loss).
-    regression: outputs and targets of the same shape, squared error summed over non-batch dims.
-    """
-    kind: Literal["classification", "lm", "regression"] = "classification"
-
-    def per_sample(self, out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(loss (B,), correct-fraction (B,) or None) for outputs of one mask."""
-        out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out  # keep float64 exact
-        if self.kind == "classification":
-            loss = F.cross_entropy(out, target, reduction="none")
-            return loss, (out.argmax(-1) == target).float()
-        if self.kind == "lm":
-            logits, labels = out[:, :-1], target[:, 1:]
-            tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-            correct = (logits.argmax(-1) == labels).float().mean(1)
-            return tok.view(labels.shape).mean(1), correct
-        if self.kind == "regression":
-            return (out - target.to(out.dtype)).pow(2).flatten(1).sum(1), None
-        raise ValueError(f"unknown task kind {self.kind!r}; use 'classification', 'lm' or 'regression'")
-
-    def targets_of(self, inputs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return inputs if self.kind == "lm" else labels
-
-
-@dataclass(frozen=True)
-class Subset:
-    """A named data subset held in memory: what a method may see ("scoring") or the truth ("evaluation")."""
-    name: str
-    inputs: torch.Tensor
-    targets: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if len(self.inputs) != len(self.targets):
-            raise ValueError(f"subset {self.name!r}: {len(self.inputs)} inputs but {len(self.targets)} targets")
-
-    def __len__(self) -> int:
-        return len(self.inputs)
 
 
 @dataclass
@@ -72,7 +27,7 @@ class MaskEval:
     n_samples: int
     loss: np.ndarray                      # (M,) mean loss
     accuracy: np.ndarray | None = None    # (M,) mean accuracy (classification / next-token)
-    outputs: torch.Tensor | None = None   # (M, n, ...) model outputs, if asked for (keep_outputs=True)
+    outputs: torch.Tensor | None = None   # (M, n, ...) scored outputs (``Task.scored``), if asked for (keep_outputs=True)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -85,27 +40,30 @@ MAX_PASS_ELEMENTS = 2 ** 27  # default cap on the elements of one stacked pass's
 
 @torch.no_grad()
 def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, batch_size: int = 512,
-                   masks_per_pass: int | None = None, progress: bool = False, keep_outputs: bool = False,
+                   masks_per_pass: int | None = None, keep_outputs: bool = False,
                    strategy: Literal["stack", "prefix"] = "stack",
                    max_pass_elements: int = MAX_PASS_ELEMENTS, keep_state: str | None = None,
-                   log: Callable[[str], None] | None = None) -> MaskEval:
+                   log: Callable[[str], None] | None = None, progress: bool = False) -> MaskEval:
     """Evaluate every mask on the whole subset: S(m) = mean per-sample loss. Deterministic: no sampling.
 
     strategy "stack": masks_per_pass masks are stacked into one forward pass (None: as many as keep a pass
     near 16k samples, and its stacked output under max_pass_elements elements, measured from one pass on
-    the first batch; for convolutional nets on a CPU, 1 is usually fastest).
+    the first batch; for convolutional nets on a CPU, 1 is usually fastest). Where stacking would gate the
+    wrong rows (a mixture of experts routes tokens by their values, so tensors inside it are not ordered by
+    mask: ``GatedModel.can_stack``), every mask runs alone.
     strategy "prefix": masks that agree on the first gates (in execution order) share the computation up to
     there (a prefix tree, walked depth first for every data batch); each distinct mask runs alone, so the
     results equal those of masks_per_pass=1 bit for bit. Fastest for many masks over few gates (all 2^k
     masks of k residual branches).
-    keep_outputs: also return the outputs of every mask on every sample ((M, n, ...), as the model returns
-    them), what output-space surrogates are built from; mind the memory of large outputs (LM logits).
+    keep_outputs: also return the scored outputs (``task.scored``) of every mask on every sample ((M, n, ...)),
+    what output-space surrogates are built from; mind the memory of large outputs (LM logits).
     keep_state: an fx node name (see ``GatedModel.forward(taps=...)``): also keep the value that node takes
     under every mask on every sample, ``extra["state"]`` ((M, n, ...)), measured in the same passes
     (strategy "stack" only); hidden-state surrogates are built from it.
-    progress: a tqdm bar (tqdm.auto: also in notebooks) counting masks done.
     log: a callable that receives a progress line (masks done, time so far and left) every few minutes of a
     long evaluation (``surrogate.progress``; default: the log installed by ``progress.reporting``, if any).
+    progress: deprecated (a tqdm bar); pass log=print.
+    The data are checked first (``tasks.check_data``: an empty subset, targets the task cannot take, dtypes).
     """
     m = check_mask(masks, gated.num_edges)
     m = m.unsqueeze(0) if m.dim() == 1 else m
@@ -117,75 +75,108 @@ def evaluate_masks(gated: GatedModel, masks: Any, data: Subset, task: Task, *, b
     if strategy == "prefix" and masks_per_pass is not None:
         raise ValueError("masks_per_pass applies to strategy='stack'; the prefix strategy runs each distinct mask "
                          "alone (pass masks_per_pass=None)")
-    n = len(data)
-    total_loss = torch.zeros(len(m), dtype=torch.float64)
-    total_acc = torch.zeros(len(m), dtype=torch.float64)
-    has_acc = True
-    kept: list[list[torch.Tensor]] = [[] for _ in range(len(m))] if keep_outputs else []
-    states: list[list[torch.Tensor]] = [[] for _ in range(len(m))] if keep_state is not None else []
-    bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(m), desc=f"S(m) on {data.name}", unit="mask")
+        warnings.warn("evaluate_masks(progress=True) is deprecated: pass log=print (a line every few minutes)",
+                      DeprecationWarning, stacklevel=2)
+    check_data(data, task, gated, run=False)
+    totals = _Totals(data, task, len(m), keep_outputs, keep_state is not None)
+    bar = _bar(progress, len(m), data.name)
     tick = Ticker(f"S(m) of {len(m)} masks on {data.name}", len(m), log)
-
-    def add(j: int, out: torch.Tensor, y: torch.Tensor) -> None:  # one mask's outputs on one batch
-        nonlocal has_acc
-        if keep_outputs:
-            kept[j].append(out.cpu())  # kept outputs and states live on the CPU (no-op there)
-        loss, acc = task.per_sample(out, y)
-        total_loss[j] += loss.double().sum().cpu()
-        if acc is None:
-            has_acc = False
-        else:
-            total_acc[j] += acc.double().sum().cpu()
-
-    device = next(itertools.chain(gated.parameters(), gated.buffers()), torch.zeros(0)).device  # batches follow the model
     try:
         with measuring(gated):
             if strategy == "prefix":
-                tree, rows, done = _PrefixTree(gated), [tuple(r) for r in m.tolist()], 0
-                n_batches = (n + batch_size - 1) // batch_size
-                for b0 in range(0, n, batch_size):
-                    x, y = data.inputs[b0:b0 + batch_size].to(device), data.targets[b0:b0 + batch_size].to(device)
-                    for group, out in tree.run((x,), rows):
-                        for j in group:  # masks of one leaf are equal: the same outputs
-                            add(j, out, y)
-                        done += len(group)
-                        if bar is not None:
-                            bar.update(done // n_batches - bar.n)
-                        tick(done // n_batches)
+                _run_prefix(gated, m, data, batch_size, totals, bar, tick)
             else:
                 if masks_per_pass is None:
                     masks_per_pass = default_masks_per_pass(gated, data, len(m), batch_size, max_pass_elements)
-                for c0 in range(0, len(m), masks_per_pass):
-                    mc = m[c0:c0 + masks_per_pass]
-                    for b0 in range(0, n, batch_size):
-                        x, y = data.inputs[b0:b0 + batch_size].to(device), data.targets[b0:b0 + batch_size].to(device)
-                        mk = mc if len(mc) > 1 else mc[0]
-                        if keep_state is None:
-                            out = gated(x, mask=mk)
-                        else:
-                            out, tapped = gated(x, mask=mk, taps=(keep_state,))
-                            h = tapped[keep_state] if len(mc) > 1 else tapped[keep_state].unsqueeze(0)
-                            for j in range(len(mc)):
-                                states[c0 + j].append(h[j].cpu())
-                        out = out if len(mc) > 1 else out.unsqueeze(0)
-                        for j in range(len(mc)):
-                            add(c0 + j, out[j], y)
-                        tick(c0 + len(mc) * min(n, b0 + batch_size) // n)  # a large stack: progress within it
-                    if bar is not None:
-                        bar.update(len(mc))
+                _run_stacked(gated, m, data, batch_size, masks_per_pass, keep_state, totals, bar, tick)
     finally:
         if bar is not None:
             bar.close()
-    loss = (total_loss / n).numpy()
-    if not np.isfinite(loss).all():
-        raise FloatingPointError(f"non-finite loss for {int((~np.isfinite(loss)).sum())} masks on {data.name}")
-    outputs = torch.stack([torch.cat(parts) for parts in kept]) if keep_outputs else None
-    extra = {} if keep_state is None else {"state": torch.stack([torch.cat(p) for p in states]),
-                                           "state_node": keep_state}
-    return MaskEval(data.name, n, loss, (total_acc / n).numpy() if has_acc else None, outputs, extra)
+    return totals.result(data, keep_state)
+
+
+class _Totals:
+    """Per-mask sums of losses and accuracies over the batches, and the kept outputs and states."""
+
+    def __init__(self, data: Subset, task: Task, num_masks: int, keep_outputs: bool, keep_state: bool):
+        self.data, self.task, self.checked = data, task, False
+        self.loss = torch.zeros(num_masks, dtype=torch.float64)
+        self.acc: torch.Tensor | None = torch.zeros(num_masks, dtype=torch.float64)
+        self.outputs: list[list[torch.Tensor]] | None = [[] for _ in range(num_masks)] if keep_outputs else None
+        self.states: list[list[torch.Tensor]] | None = [[] for _ in range(num_masks)] if keep_state else None
+
+    def add(self, j: int, out: torch.Tensor, y: torch.Tensor) -> None:
+        """Mask j's scored outputs on one batch."""
+        if not self.checked:  # the targets against the first output, before any loss is computed
+            check_output(self.data, self.task, out)
+            self.checked = True
+        if self.outputs is not None:
+            self.outputs[j].append(out.cpu())  # kept outputs and states live on the CPU (no-op there)
+        loss, acc = self.task.per_sample(out, y)
+        self.loss[j] += loss.double().sum().cpu()
+        if acc is None:
+            self.acc = None
+        elif self.acc is not None:
+            self.acc[j] += acc.double().sum().cpu()
+
+    def result(self, data: Subset, keep_state: str | None) -> MaskEval:
+        n = len(data)
+        loss = (self.loss / n).numpy()
+        if not np.isfinite(loss).all():
+            raise FloatingPointError(f"non-finite loss for {int((~np.isfinite(loss)).sum())} masks on {data.name} "
+                                     "(the model's outputs overflow or hold NaN under these masks)")
+        outputs = None if self.outputs is None else torch.stack([torch.cat(parts) for parts in self.outputs])
+        extra = {} if self.states is None else {"state": torch.stack([torch.cat(p) for p in self.states]),
+                                                "state_node": keep_state}
+        return MaskEval(data.name, n, loss, None if self.acc is None else (self.acc / n).numpy(), outputs, extra)
+
+
+def _bar(progress: bool, total: int, name: str) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=f"S(m) on {name}", unit="mask")
+
+
+def _run_prefix(gated: GatedModel, m: torch.Tensor, data: Subset, batch_size: int, totals: _Totals, bar: Any,
+                tick: Ticker) -> None:
+    tree, rows, done = _PrefixTree(gated), [tuple(r) for r in m.tolist()], 0
+    n_batches = (len(data) + batch_size - 1) // batch_size
+    for x, y in data.batches(batch_size, gated, model_device(gated)):
+        for group, out in tree.run(x, rows):
+            out = totals.task.scored(out)
+            for j in group:  # masks of one leaf are equal: the same outputs
+                totals.add(j, out, y)
+            done += len(group)
+            if bar is not None:
+                bar.update(done // n_batches - bar.n)
+            tick(done // n_batches)
+
+
+def _run_stacked(gated: GatedModel, m: torch.Tensor, data: Subset, batch_size: int, masks_per_pass: int,
+                 keep_state: str | None, totals: _Totals, bar: Any, tick: Ticker) -> None:
+    n, device = len(data), model_device(gated)
+    if masks_per_pass > 1 and not gated.can_stack(tuple(x.to(device) for x in data[:2].args(gated))):
+        masks_per_pass = 1  # stacked masks would gate the wrong rows: one mask per pass
+    for c0 in range(0, len(m), masks_per_pass):
+        mc = m[c0:c0 + masks_per_pass]
+        mk = mc if len(mc) > 1 else mc[0]
+        for b0, (x, y) in zip(range(0, n, batch_size), data.batches(batch_size, gated, device)):
+            if keep_state is None:
+                out = gated(*x, mask=mk)
+            else:
+                out, tapped = gated(*x, mask=mk, taps=(keep_state,))
+                h = tapped[keep_state] if len(mc) > 1 else tapped[keep_state].unsqueeze(0)
+                for j in range(len(mc)):
+                    totals.states[c0 + j].append(h[j].cpu())
+            out = totals.task.scored(out)
+            out = out if len(mc) > 1 else out.unsqueeze(0)
+            for j in range(len(mc)):
+                totals.add(c0 + j, out[j], y)
+            tick(c0 + len(mc) * min(n, b0 + batch_size) // n)  # a large stack: progress within it
+        if bar is not None:
+            bar.update(len(mc))
 
 
 def default_masks_per_pass(gated: GatedModel, data: Subset, num_masks: int, batch_size: int,
@@ -198,7 +189,7 @@ def default_masks_per_pass(gated: GatedModel, data: Subset, num_masks: int, batc
     per_pass = max(1, min(num_masks, 16384 // b))
     if per_pass > 1 and len(data):
         with measuring(gated):
-            out = gated(data.inputs[:b])
+            out = gated(*(x.to(model_device(gated)) for x in data[:b].args(gated)))
         size = sum(t.numel() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
         per_pass = max(1, min(per_pass, max_pass_elements // max(1, size)))
     return per_pass

@@ -39,6 +39,7 @@ from .methods import METHODS, Context, Measured, Predictor, fit_method, measure_
 from .metrics import evaluate_predictions, spearman
 from .progress import reporting
 from .pruning import Budget, select_mask
+from .tasks import check_data
 
 __all__ = ["MaskFamily", "GraphOptions", "ExperimentConfig", "GraphView", "ExperimentResult", "run_experiment",
            "within_k_spearman"]
@@ -204,7 +205,11 @@ def run_experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluat
     model in every record (e.g. ``{"seed": 3}``). seed: the methods' own randomness (random scores,
     surrogate initialisation); mask_seed (default ``seed``): the draws of test and extra masks and of the
     budget searches. log: optional callable receiving progress lines (each phase, and every few minutes
-    within a long one: masks measured or predicted so far, and an estimate of the time left)."""
+    within a long one: masks measured or predicted so far, and an estimate of the time left). Both subsets
+    are checked against the task first (``tasks.check_data``)."""
+    net = model.module if isinstance(model, ComputationGraph) else model
+    for data in (scoring, evaluation):
+        check_data(data, task, net)
     with reporting(log) if log is not None else contextlib.nullcontext():  # None keeps a log installed outside
         return _experiment(model, scoring, evaluation, task, config, seed, mask_seed, key, log)
 
@@ -219,7 +224,7 @@ def _experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluation
         graph = model
     else:
         go = config.graph
-        graph = build_graph(model, scoring.inputs[:go.example_batch], vertices=go.vertices, edges=go.edges,
+        graph = build_graph(model, scoring[:go.example_batch].args(model), vertices=go.vertices, edges=go.edges,
                             heads=go.heads, exclude=go.exclude)
     gated = GatedModel(graph)
     e = graph.num_prunable
@@ -241,8 +246,8 @@ def _experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluation
     # 2. the truth on the two halves of the evaluation subset: their agreement bounds how well any
     # predictor can rank the test masks (the noise ceiling), at no extra cost
     half = len(evaluation) // 2
-    halves = (Subset(f"{evaluation.name}[:half]", evaluation.inputs[:half], evaluation.targets[:half]),
-              Subset(f"{evaluation.name}[half:]", evaluation.inputs[half:], evaluation.targets[half:]))
+    halves = (replace(evaluation[:half], name=f"{evaluation.name}[:half]"),
+              replace(evaluation[half:], name=f"{evaluation.name}[half:]"))
     truth: dict[str, MaskEval] = {}
     ceiling: dict[str, float] = {}
     union = unique_rows(np.vstack(list(tests.values())).astype(np.float32))  # a mask in two families: measured once

@@ -29,6 +29,7 @@ import torch.fx as fx
 
 from .graph import ComputationGraph, _canonical_op, run_nodes
 from .measuring import measuring
+from .tasks import Subset
 
 __all__ = ["FlowStructure", "measure_shares"]
 
@@ -189,9 +190,9 @@ _CAT = {"cat", "concat", "concatenate", "stack"}
 
 
 @torch.no_grad()
-def measure_shares(graph: ComputationGraph, inputs: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+def measure_shares(graph: ComputationGraph, inputs: Any, batch_size: int = 512) -> np.ndarray:
     """The share c_e of every edge of ``graph.edges`` in its destination's combined input (see module doc),
-    averaged over ``inputs`` (one forward pass, no masks).
+    averaged over ``inputs`` (a Subset, or the model's input tensor; one forward pass, no masks).
 
     An attention output projection split into heads (``graph.head_splits``) is linear in its input,
     y = sum_k x_k W_k + b, so it is treated as a sum whose terms are the heads' contributions x_k W_k (the
@@ -232,10 +233,11 @@ def measure_shares(graph: ComputationGraph, inputs: torch.Tensor, batch_size: in
             acts[n.name] = out.detach().double()
         return out
 
-    for b0 in range(0, len(inputs), batch_size):
+    data = inputs if isinstance(inputs, Subset) else Subset("inputs", inputs, torch.zeros(len(inputs)))
+    for x, _ in data.batches(batch_size, graph.module):
         acts.clear()
         with measuring(graph.module):
-            run_nodes(graph.module, (inputs[b0:b0 + batch_size],), record)
+            run_nodes(graph.module, x, record)
         for v, idx in by_dst.items():
             if kinds[v] == "heads":
                 terms = head_terms(v, acts[graph.head_splits[v].input])

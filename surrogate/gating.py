@@ -16,6 +16,7 @@ them drops the removed heads' input columns from the projection's weight.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 import weakref
@@ -28,6 +29,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .graph import MERGE_OPS, ComputationGraph, Edge, HeadSplit, _canonical_op, run_nodes
+from .measuring import measuring
 
 __all__ = ["GatedModel", "prune", "check_mask", "EmptyProjection"]
 
@@ -111,6 +113,9 @@ def check_mask(mask: Any, num_edges: int, *, binary: bool = False, batch: bool =
         except Exception as exc:  # noqa: BLE001
             raise TypeError(f"mask must be a tensor or array of shape ({num_edges},) or (M, {num_edges}), "
                             f"got {type(mask).__name__}") from exc
+    if mask.is_meta:
+        raise ValueError("the mask is on the meta device, which holds no values: create it on the CPU or the "
+                         "model's device (e.g. torch.ones(num_edges))")
     if mask.dtype == torch.bool:
         mask = mask.float()
     elif not (mask.dtype.is_floating_point or mask.dtype in (torch.int8, torch.int16, torch.int32,
@@ -136,17 +141,27 @@ def check_mask(mask: Any, num_edges: int, *, binary: bool = False, batch: bool =
 
 
 class GatedModel(nn.Module):
-    """The traced model with one gate per prunable edge: ``gated(x, mask=m)``.
+    """The traced model with one gate per prunable edge: ``gated(x, mask=m)`` (several inputs: ``gated(ids,
+    attention_mask, mask=m)``, in the order the model was traced with).
 
     mask: None (all ones), shape (E,) for one mask, or (M, E) for M masks evaluated in one pass over an
-    M-times replicated batch; outputs then have a leading dimension M (shape (M, B, ...)). Gates may be
-    continuous in [0, 1] and require grad (for gradients/Hessians with respect to the gates); values
-    outside [0, 1] are rejected unless ``allow_extrapolation=True``.
+    M-times replicated batch; outputs then have a leading dimension M (shape (M, B, ...); every output tensor
+    with the batch in dimension 0). Where one pass would gate the wrong rows (``can_stack``: a mixture of
+    experts), the M masks run one after the other, with the same result. Gates may be continuous in [0, 1]
+    and require grad (for gradients/Hessians with respect to the gates); values outside [0, 1] are rejected
+    unless ``allow_extrapolation=True``.
+
+    A gated call runs the model in eval mode (BatchNorm reads its running statistics and does not update
+    them, dropout is off) and gives every module its own mode back afterwards, whatever mode the model was
+    left in: measuring a mask never changes the model. ``GatedModel(graph, train=True)`` runs the modules in
+    their own modes instead (to train through the gates; BatchNorm then updates the model's statistics).
     """
 
-    def __init__(self, graph: ComputationGraph):
+    def __init__(self, graph: ComputationGraph, *, train: bool = False):
         super().__init__()
         self.graph = graph
+        self.train_mode = bool(train)  # run in the modules' own modes (else in eval mode)
+        self._can_stack: bool | None = None  # probed on the first call with several masks
         src = graph.module
         g = copy.deepcopy(src.graph)
         by_name = {n.name: n for n in g.nodes}
@@ -208,24 +223,40 @@ class GatedModel(nn.Module):
             cache[taps] = (gm, spec)
         return cache[taps]
 
+    @property
+    def input_names(self) -> list[str]:
+        """The names of the model's inputs, in the order it was traced with (and takes them)."""
+        return [n.name for n in self.graph.module.graph.nodes if n.op == "placeholder"]
+
     def forward(self, *inputs: torch.Tensor, mask: Any = None, allow_extrapolation: bool = False,
                 taps: Sequence[str] = ()) -> Any:
         """The network's output under ``mask``; with ``taps`` (fx node names), ``(output, {name: value})``:
         the values those nodes take in the same pass (e.g. the residual stream before the network's head)."""
-        e = self.num_edges
         traced = tuple((tuple(x.shape), x.dtype) for x in self.graph.example_inputs)
-        _check_inputs(inputs, traced, "the gated model")
-        given = inputs
-        ref_param = next(iter(self.module.parameters()), None)
-        device = ref_param.device if ref_param is not None else inputs[0].device
+        _check_inputs(inputs, traced, "the gated model", self.input_names)
+        ref = next(iter(self.module.parameters()), None)
+        device = ref.device if ref is not None else inputs[0].device
+        gates = self._gates(mask, allow_extrapolation, device)
+        with contextlib.nullcontext() if self.train_mode else measuring(self.module):
+            if isinstance(gates, torch.Tensor) and gates.dim() == 2 and not self.can_stack(inputs):
+                outs = [self._run(inputs, _one_mask(row), taps, traced) for row in gates]
+                return pytree.tree_map(lambda *v: torch.stack(v) if isinstance(v[0], torch.Tensor) else v[0], *outs)
+            return self._run(inputs, gates, taps, traced)
+
+    def _gates(self, mask: Any, allow_extrapolation: bool, device: torch.device
+               ) -> torch.Tensor | tuple[float, ...]:
+        """The gates of ``mask``: a tuple of floats for one mask without gradient (a kept edge costs
+        nothing), else a tensor (E,) or (M, E) on ``device``."""
         if mask is None:
-            gates: torch.Tensor | tuple[float, ...] = (1.0,) * e
-            m = 0
-        else:
-            gates = check_mask(mask, e, allow_extrapolation=allow_extrapolation).to(device)
-            m = gates.shape[0] if gates.dim() == 2 else 0
-            if m == 0 and not (gates.requires_grad and torch.is_grad_enabled()):
-                gates = tuple(gates.tolist())
+            return (1.0,) * self.num_edges
+        gates = check_mask(mask, self.num_edges, allow_extrapolation=allow_extrapolation).to(device)
+        return _one_mask(gates) if gates.dim() == 1 else gates
+
+    def _run(self, inputs: Sequence[torch.Tensor], gates: torch.Tensor | tuple[float, ...], taps: Sequence[str],
+             traced: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> Any:
+        """One pass of the gated graph; M stacked masks (gates (M, E)) run on the M-times repeated batch."""
+        m = gates.shape[0] if isinstance(gates, torch.Tensor) and gates.dim() == 2 else 0
+        given = inputs
         if m:
             inputs = tuple(x.repeat(m, *([1] * (x.dim() - 1))) for x in inputs)
         module, spec = self.tapped(taps) if taps else (self.module, None)
@@ -238,12 +269,68 @@ class GatedModel(nn.Module):
             setattr(module, _GATES_ATTR, None)
         if spec is not None:
             out = (pytree.tree_unflatten(list(out[0]), spec), *out[1:])
-        if m:
-            out = pytree.tree_map(lambda t: t.unflatten(0, (m, -1)) if isinstance(t, torch.Tensor)
-                                  and t.dim() > 0 else t, out)
+        if m:  # every tensor with M copies of the batch in dimension 0 gets a leading dimension M
+            out = pytree.tree_map(lambda t: t.unflatten(0, (m, -1)) if isinstance(t, torch.Tensor) and t.dim() > 0
+                                  and t.shape[0] % m == 0 else t, out)
         if taps:
             return out[0], dict(zip(taps, out[1:]))
         return out
+
+    def can_stack(self, inputs: Sequence[torch.Tensor]) -> bool:
+        """Whether M masks stacked in one pass give each mask's own outputs. Probed once (then cached) on
+        the first two samples of ``inputs``: three different masks stacked against one pass each. False where
+        a gated tensor is not ordered by sample and mask, e.g. inside a mixture of experts, whose routing
+        gathers tokens by their values (copies under different masks route differently); gated calls with
+        several masks then run them one after the other."""
+        if self._can_stack is None:
+            self._can_stack = self._probe_stacking(tuple(x[:2] for x in inputs))
+        return self._can_stack
+
+    @torch.no_grad()
+    def _probe_stacking(self, inputs: tuple[torch.Tensor, ...]) -> bool:
+        e = self.num_edges
+        if e == 0:
+            return True
+        traced = tuple((tuple(x.shape), x.dtype) for x in self.graph.example_inputs)
+        ref = next(iter(self.module.parameters()), None)
+        device = ref.device if ref is not None else inputs[0].device
+        half = (torch.rand(e, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+        masks = torch.stack([torch.ones(e), half, torch.zeros(e)]).to(device)
+        with measuring(self.module):
+            singles = [self._run(inputs, _one_mask(row), (), traced) for row in masks]
+            try:
+                stacked = self._run(inputs, masks, (), traced)
+            except RuntimeError:  # e.g. a gated tensor whose first dimension is not the batch
+                return False
+        flat, spec = pytree.tree_flatten(stacked)
+        for j, single in enumerate(singles):
+            ones, spec_j = pytree.tree_flatten(single)
+            if spec_j != spec:
+                return False
+            for a, b in zip(flat, ones):
+                if isinstance(b, torch.Tensor) and b.dim() > 0 and not _same(a, j, b):
+                    return False
+        return True
+
+
+def _one_mask(gates: torch.Tensor) -> torch.Tensor | tuple[float, ...]:
+    """One mask's gates: a tuple of floats unless they need a gradient (then the tensor itself)."""
+    if gates.requires_grad and torch.is_grad_enabled():
+        return gates
+    return tuple(gates.tolist())
+
+
+def _same(stacked: Any, j: int, single: torch.Tensor) -> bool:
+    """Whether row j of a stacked output equals the output of mask j alone, to the rounding of the dtype
+    (the batch size changes the order of floating-point sums)."""
+    if not isinstance(stacked, torch.Tensor) or stacked.shape[1:] != single.shape or len(stacked) <= j:
+        return False
+    a = stacked[j]
+    if not single.is_floating_point():
+        return torch.equal(a, single)
+    tol = max(1e-4, 16 * torch.finfo(single.dtype).eps)
+    scale = float(single.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if single.numel() else 0.0
+    return torch.allclose(a.double(), single.double(), rtol=tol, atol=tol * max(scale, 1e-12), equal_nan=True)
 
 
 def _dtype_kind(dtype: torch.dtype) -> str:
@@ -254,11 +341,15 @@ def _dtype_kind(dtype: torch.dtype) -> str:
     return "floating-point" if dtype.is_floating_point else "integer"
 
 
-def _check_inputs(inputs: Sequence[Any], traced: Sequence[tuple[tuple[int, ...], torch.dtype]], what: str) -> None:
+def _check_inputs(inputs: Sequence[Any], traced: Sequence[tuple[tuple[int, ...], torch.dtype]], what: str,
+                  names: Sequence[str] | None = None) -> None:
     """Raise if ``inputs`` cannot be what the model was traced with: their number, each one's number of
     dimensions (any size may differ) and kind of dtype (integer token ids, floating-point features...)."""
     if len(inputs) != len(traced):
-        raise TypeError(f"{what} takes {len(traced)} input tensor(s) (as traced), got {len(inputs)}")
+        named = f" ({', '.join(names)})" if names else ""
+        raise TypeError(f"{what} takes {len(traced)} input tensor(s){named} as traced, got {len(inputs)}: pass "
+                        "them all, in that order (a Subset carries several inputs as one tuple or dict: "
+                        "Subset(name, (input_ids, attention_mask), targets))")
     for i, (x, (shape, dtype)) in enumerate(zip(inputs, traced)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input {i} of {what} must be a tensor, got {type(x).__name__}")

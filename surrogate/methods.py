@@ -184,7 +184,7 @@ class Context:
     def _check_output_memory(self, num_masks: int, limit: float = 8 * 2 ** 30) -> None:
         """Refuse to keep outputs that would not fit in memory, with what to do instead."""
         with torch.no_grad():
-            one = self.gated(self.scoring.inputs[:1])
+            one = self.task.scored(self.gated(*self.scoring[:1].args(self.gated)))
         need = 8 * num_masks * len(self.scoring) * one.numel()  # float64 copies
         if need > limit:
             raise MemoryError(
@@ -195,7 +195,7 @@ class Context:
     def shares(self) -> np.ndarray:
         """Measured merge shares of every vertex-graph edge (one pass over the scoring subset)."""
         if "shares" not in self.memo:
-            self.memo["shares"] = measure_shares(self.graph, self.scoring.inputs, self.batch_size)
+            self.memo["shares"] = measure_shares(self.graph, self.scoring, self.batch_size)
         return self.memo["shares"]
 
 

@@ -16,6 +16,7 @@ from .graph import ComputationGraph, HeadSplit, build_graph, run_nodes
 from .masks import prior_design, sparsity_masks
 from .measuring import measuring
 from .methods import METHODS, AdditivePredictor, Context, Predictor, fit_method, measure_design
+from .tasks import check_data
 
 __all__ = ["Budget", "CostModel", "select_mask", "PruneResult", "auto_prune"]
 
@@ -265,7 +266,8 @@ def auto_prune(model: nn.Module, scoring: Subset, task: Task, budget: Budget, *,
     while the fitting masks are measured. The model itself is not changed (measurements run in eval mode
     and restore every module's mode; pruning and fine-tuning work on a copy)."""
     from .train import finetune
-    example = scoring.inputs[: min(2, len(scoring))]
+    check_data(scoring, task, model)
+    example = scoring[: min(2, len(scoring))].args(model)
     graph = build_graph(model, example, vertices=vertices, edges=edges, heads=heads)
     gated = GatedModel(graph)
     e = graph.num_prunable

@@ -26,6 +26,7 @@ from .graph import ComputationGraph, build_graph
 from .masks import mask_text
 from .methods import Context, fit_method, measure_design
 from .pruning import Budget, select_mask
+from .tasks import check_data
 from .train import _evaluate, cached_result, finetune, set_seed
 
 __all__ = ["FinetuneConfig", "finetune_masks", "linear_probe", "method_picks", "mask_text"]
@@ -87,7 +88,7 @@ def finetune_masks(graph: ComputationGraph, masks: Mapping[str, Any], train: Sub
         raise ValueError("pass head and num_outputs together (transfer to a new task), or neither")
     e = graph.num_prunable
     weights = _fingerprint(*[p.detach() for p in graph.module.parameters()])
-    data = _fingerprint(train.inputs.float(), train.targets.float(), test.inputs.float(), test.targets.float())
+    data = _fingerprint(*(t.float() for s in (train, test) for t in (*s.args(graph.module), s.targets)))
     rows: list[dict[str, Any]] = []
     for label, mask in masks.items():
         m = np.asarray([float(c) for c in mask] if isinstance(mask, str) else mask, dtype=np.float32).ravel()
@@ -125,7 +126,8 @@ def method_picks(model: nn.Module | ComputationGraph, scoring: Subset, task: Tas
     regex ``allowed``; default all), from the prior design measured once on ``scoring`` -- the experiment
     protocol's fitting and search without its truth (e.g. importance estimated on a source task, to be
     transferred). Picks keep an input->output path. Returns {(method, budget): mask}."""
-    graph = model if isinstance(model, ComputationGraph) else build_graph(model, scoring.inputs[:2])
+    check_data(scoring, task, model.module if isinstance(model, ComputationGraph) else model)
+    graph = model if isinstance(model, ComputationGraph) else build_graph(model, scoring[:2].args(model))
     gated = GatedModel(graph)
     removable = np.array([allowed is None or re.search(allowed, n) is not None for n in graph.edge_names])
     if not removable.any():
@@ -158,7 +160,7 @@ def linear_probe(model: nn.Module, train: Subset, config: FinetuneConfig = Finet
     gen = torch.Generator().manual_seed(config.seed)
     for _ in range(config.steps):
         b = torch.randint(0, len(train), (config.batch_size,), generator=gen)
-        loss = task.per_sample(probe(train.inputs[b].to(device)), train.targets[b].to(device))[0].mean()
+        loss = task.per_sample(probe(*(x.to(device) for x in train[b].args(probe))), train.targets[b].to(device))[0].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

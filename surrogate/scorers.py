@@ -82,11 +82,10 @@ def gate_derivatives(gated: GatedModel, data: Subset, task: Task, hessian: bool 
         per_sample = _saved_bytes_per_sample(gated, data, task)
         factor = (2 + hvp_chunk) if hessian else 2
         batch_size = max(1, min(batch_size, memory_budget // max(1, per_sample * factor)))
-        for b0 in range(0, n, batch_size):
-            x, y = data.inputs[b0:b0 + batch_size], data.targets[b0:b0 + batch_size]
+        for x, y in data.batches(batch_size, gated):
             gates = torch.ones(e, dtype=torch.float64, requires_grad=True)  # no rounding of g and H
             with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
-                loss = task.per_sample(gated(x, mask=gates), y)[0].sum() / n
+                loss = task.per_sample(gated(*x, mask=gates), y)[0].sum() / n
                 (g,) = torch.autograd.grad(loss, gates, create_graph=hessian)
                 if hessian:
                     hess += _hessian_rows(g, gates, hvp_chunk).double()
@@ -122,7 +121,7 @@ def _saved_bytes_per_sample(gated: GatedModel, data: Subset, task: Task) -> int:
             return t
         gates = torch.ones(gated.num_edges, dtype=torch.float64, requires_grad=True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            task.per_sample(gated(data.inputs[:k], mask=gates), data.targets[:k])[0].sum()
+            task.per_sample(gated(*data[:k].args(gated), mask=gates), data.targets[:k])[0].sum()
         return total
     if len(data) < 2:
         return saved(1)
@@ -168,11 +167,10 @@ def edge_activation_l1(ctx: Context) -> np.ndarray:
                 sums[(n.name, part)] += float(x.mean()) * weight
         return out
 
-    for b0 in range(0, len(ctx.scoring), ctx.batch_size):
-        x = ctx.scoring.inputs[b0:b0 + ctx.batch_size]
-        weight = len(x)
+    for x, _ in ctx.scoring.batches(ctx.batch_size, graph.module):
+        weight = len(x[0])
         with measuring(graph.module):
-            run_nodes(graph.module, (x,), record)
+            run_nodes(graph.module, x, record)
     n = len(ctx.scoring)
     return np.array([sum(sums[(p, e.part)] for p in {p for p, _ in e.links}) / n for e in graph.prunable])
 

@@ -444,11 +444,12 @@ class SuperpositionSurrogate(Surrogate):
         """Mean loss of superposed outputs, or of the outputs the true tail computes from superposed states."""
         if self.tail is None:
             return float(self.ctx.task.per_sample(y, targets)[0].mean())
-        inputs, bs, total = self.ctx.scoring.inputs, self.ctx.batch_size, 0.0
+        scoring, bs, total = self.ctx.scoring, self.ctx.batch_size, 0.0
         dev = model_device(self.ctx.gated)  # states are kept on the CPU
         with measuring(self.ctx.gated):
             for b0 in range(0, len(y), bs):
-                o = self.tail(y[b0:b0 + bs].to(dev, self.state_dtype), inputs[b0:b0 + bs].to(dev))
+                x = (t.to(dev) for t in scoring[b0:b0 + bs].args(self.ctx.gated))
+                o = self.tail(y[b0:b0 + bs].to(dev, self.state_dtype), *x)
                 total += float(self.ctx.task.per_sample(o, targets[b0:b0 + bs].to(dev))[0].double().sum())
         return total / len(y)
 

@@ -104,6 +104,14 @@ def _batches(n: int, batch_size: int, gen: torch.Generator | None) -> list[torch
     return list(idx.split(batch_size))
 
 
+def _inputs(batch: Subset, model: nn.Module, device: torch.device,
+            augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+            gen: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    """The model's positional inputs of a batch on ``device``; ``augment`` transforms the first one."""
+    x = tuple(t.to(device) for t in batch.args(model))
+    return x if augment is None else (augment(x[0], gen), *x[1:])
+
+
 # _evaluate's batches hold at most this many output elements (2 GiB of float32: 83 blocks of 128 tokens of
 # GPT-2 logits, 1024 images of 10 classes), so that validating a language model cannot exhaust the memory
 MAX_EVAL_OUTPUT_ELEMENTS = 2**29
@@ -117,10 +125,10 @@ def _evaluate(model: nn.Module, data: Subset, task: Task, batch_size: int = 1024
     device = model_device(model)
     loss_sum, acc_sum = 0.0, 0.0
     if len(data) > 1 and batch_size > 1:
-        per_sample = model(data.inputs[:1].to(device)).numel()
+        per_sample = task.scored(model(*_inputs(data[:1], model, device))).numel()
         batch_size = max(1, min(batch_size, MAX_EVAL_OUTPUT_ELEMENTS // max(1, per_sample)))
     for b in _batches(len(data), batch_size, None):
-        out = model(data.inputs[b].to(device))
+        out = model(*_inputs(data[b], model, device))
         loss, acc = task.per_sample(out, data.targets[b].to(device))
         loss_sum += float(loss.double().sum())
         acc_sum += float(acc.double().sum()) if acc is not None else float("nan")
@@ -165,13 +173,11 @@ def train(model: nn.Module, train_data: Subset, val_data: Subset, task: Task, co
                 last_report = time.monotonic()  # long epochs (language models): a line every few minutes
                 log(f"epoch {epoch:3d} step {step}/{steps_per_epoch} train {total / count:.4f} "
                     f"{clock.timing(epoch * steps_per_epoch + step, bound)}")
-            x, y = train_data.inputs[b].to(device), train_data.targets[b].to(device)
-            if augment is not None:
-                x = augment(x, gen)
+            x, y = _inputs(train_data[b], model, device, augment, gen), train_data.targets[b].to(device)
             if fmt is not None:
-                x = x.contiguous(memory_format=fmt)
+                x = (x[0].contiguous(memory_format=fmt), *x[1:])
             with _autocast(config.autocast, device):
-                out = model(x)
+                out = task.scored(model(*x))
             out = out.float() if config.autocast is not None else out
             if task.kind == "classification" and config.label_smoothing:
                 loss = nn.functional.cross_entropy(out, y, label_smoothing=config.label_smoothing)
@@ -229,11 +235,9 @@ def finetune(model: nn.Module, train_data: Subset, task: Task, steps: int, lr: f
     done = 0
     while done < steps:
         for b in _batches(len(train_data), batch_size, gen):
-            x, y = train_data.inputs[b].to(dev), train_data.targets[b].to(dev)
-            if augment is not None:
-                x = augment(x, gen)
+            x, y = _inputs(train_data[b], model, dev, augment, gen), train_data.targets[b].to(dev)
             with _autocast(autocast, dev):
-                out = model(x)
+                out = task.scored(model(*x))
             loss = task.per_sample(out.float() if autocast is not None else out, y)[0].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
