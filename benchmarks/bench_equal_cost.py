@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[3, 5])
     ap.add_argument("--budgets", nargs="+", default=["E+2", "2*E", "4*E", "E*(E+1)/2"])
     ap.add_argument("--searches", nargs="+", default=None)
+    ap.add_argument("--exhaustive-limit", type=int, default=2000, help="reference: every k-mask up to this many")
+    ap.add_argument("--reference", type=int, default=3, help="else a search of this many x the largest budget")
+    ap.add_argument("--ablation-masks", type=int, default=100)
     ap.add_argument("--out", default="build/bench")
     args = ap.parse_args()
     if args.seed < 100:
@@ -53,7 +56,8 @@ def main() -> None:
     evaluation = Subset("test", test.inputs[pick], test.targets[pick])
     extra = {} if args.searches is None else {"searches": tuple(args.searches)}
     config = BenchConfig(units=units, ks=tuple(args.ks), budgets=tuple(args.budgets), strategy=strategy,
-                         batch_size=500 if args.study == "cifar" else 16, **extra)
+                         batch_size=500 if args.study == "cifar" else 16, exhaustive_limit=args.exhaustive_limit,
+                         reference=args.reference, ablation_masks=args.ablation_masks, **extra)
     t0 = time.time()
     res = run_bench(net, scoring, evaluation, task, config, seed=args.seed, log=lambda m: print(m, flush=True))
     print(f"total {(time.time() - t0) / 60:.1f} min")
@@ -61,6 +65,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{args.study}_{args.seed}"
     picks, ranking = pd.DataFrame(res.picks).assign(network=args.seed), pd.DataFrame(res.ranking)
+    pd.DataFrame(res.reach).to_csv(out / f"equal_cost_{tag}_reach.csv", index=False)
     picks.to_csv(out / f"equal_cost_{tag}_picks.csv", index=False)
     ranking.to_csv(out / f"equal_cost_{tag}_ranking.csv", index=False)
     budgets = sorted(picks[picks.kind == "search"].budget.unique())

@@ -45,7 +45,8 @@ from .methods import Context
 from .search import SEARCHES, Problem, evolution, run_search
 from . import sequential as _sequential  # noqa: F401  (registers this project's searches)
 
-__all__ = ["BenchConfig", "BenchResult", "Study", "STUDIES", "score", "evaluation_subset", "resolve_budgets",
+__all__ = ["BenchConfig", "BenchResult", "Study", "STUDIES", "score", "evaluation_subset", "labels", "regret_table",
+           "bench_macros", "resolve_budgets",
            "run_bench", "load_truth", "save_truth", "at_budgets", "regret_summary", "head_to_head"]
 
 
@@ -150,6 +151,8 @@ def run_bench(model: nn.Module | ComputationGraph, scoring: Subset, evaluation: 
         for r in (r for r in rows if r["k"] == k):
             _score(r, truth, oracle, best, how, e)
         reach.extend(_reach(k, traces, truth, best, config.reach))
+        for r in (r for r in rows if r["k"] == k):  # the measured wall time of a pass, for the queries' cost
+            r["pass_seconds"] = oracle.seconds / max(oracle.passes_run, 1e-12)
     ranking = _ranking(config, graph, allowed, ctx, oracle, truth, budgets, zero, seed, say)
     return BenchResult(rows, ranking, reach)
 
@@ -376,6 +379,11 @@ STUDIES: dict[str, Study] = {
 }
 
 
+def labels(names: Sequence[str]) -> dict[str, str]:
+    """Display labels of searches and zero-shot criteria."""
+    return {n: SEARCHES[n].label if n in SEARCHES else METHODS[n].label if n in METHODS else n for n in names}
+
+
 def evaluation_subset(test: Subset, n: int) -> Subset:
     """The first ``n`` samples of a seed-0 permutation of ``test``, named by both (truth tables key on the name)."""
     import torch
@@ -415,3 +423,74 @@ def score(searches: Sequence[str], study: str | Study = "cifar", *, zero_shot: S
     return out
 
 
+
+
+def regret_table(summary: pd.DataFrame, path: str | Path | None = None) -> pd.DataFrame:
+    """Mean regret (bootstrap interval over networks) per method (rows) at each (k, P) (columns), the lowest of a
+    column in bold; written as LaTeX to ``path`` if given; returns the readable table."""
+    from .paper import Raw, fmt, write_table
+    cols = sorted({(int(k), int(p)) for k, p in zip(summary.k, summary.P)})
+    names = list(dict.fromkeys(summary.method))
+    lab = labels(names)
+    best = {c: summary[(summary.k == c[0]) & (summary.P == c[1])]["mean"].min() for c in cols}
+    text, latex = [], []
+    for m in names:
+        row, raw = {"Method": lab[m]}, {"Method": lab[m]}
+        for k, p in cols:
+            r = summary[(summary.method == m) & (summary.k == k) & (summary.P == p)]
+            head = f"k={k}, P={p}"
+            if r.empty:
+                row[head], raw[head] = "", Raw("--")
+                continue
+            r = r.iloc[0]
+            row[head] = f"{r['mean']:.3f} [{r.lo:.3f}, {r.hi:.3f}]"
+            cell = f"{fmt(r['mean'])}\\,{{\\scriptsize[{fmt(r.lo)}, {fmt(r.hi)}]}}"
+            raw[head] = Raw(f"\\textbf{{{cell}}}" if np.isclose(r["mean"], best[(k, p)]) else cell)
+        text.append(row)
+        latex.append(raw)
+    if path is not None:
+        df = pd.DataFrame(latex)
+        write_table(path, df, raw_columns=[c for c in df.columns if c != "Method"])
+    return pd.DataFrame(text)
+
+
+def bench_macros(study: str, summary: pd.DataFrame, h2h: pd.DataFrame, ranking: pd.DataFrame,
+                 reach: pd.DataFrame, ours: str) -> dict[str, Any]:
+    """The numbers the paper quotes from one study: per budget P, ours' mean regret, the best other method's
+    and its name, ours' wins/ties/losses over (network, k) pairs summed over the other methods; the rank
+    agreement of ours and of the best other model at each ablated fraction (largest budget); the passes to
+    within 1% of the reference (ours, and the reference search's evaluations on the test data)."""
+    from .paper import macro_name
+    m: dict[str, Any] = {}
+    for i, (p, g) in enumerate(summary.groupby("P", sort=True)):
+        g = g.groupby("method")["mean"].mean()
+        tag = macro_name(study, "budget", "ABCDEFGH"[i])
+        m[tag + "Passes"] = int(p)
+        if ours in g:
+            m[tag + "Ours"] = float(g[ours])
+        others = g.drop(ours, errors="ignore")
+        if len(others):
+            m[tag + "BestOther"] = float(others.min())
+            m[tag + "BestOtherName"] = labels([others.idxmin()])[others.idxmin()]
+        hp = h2h[h2h.P == p]
+        for col in ("wins", "ties", "losses"):
+            m[tag + col.title()] = int(hp[col].sum())
+    if len(ranking):
+        top = ranking[ranking.budget == ranking.budget.max()]
+        for frac, g in top.groupby("fraction"):
+            tag = macro_name(study, "rank", f"{round(100 * frac)}pct")
+            s = g.groupby("method")["spearman"].mean()
+            if ours in s:
+                m[tag + "Ours"] = float(s[ours])
+            if len(s.drop(ours, errors="ignore")):
+                m[tag + "BestOther"] = float(s.drop(ours, errors="ignore").max())
+    if len(reach):
+        for k, g in reach[reach.tolerance == reach.tolerance.min()].groupby("k"):
+            tag = macro_name(study, "reach", "k", int(k))
+            mine = g[g.method == ours].passes
+            ref = g[g.method.str.startswith("reference_search")].passes
+            if len(mine):
+                m[tag + "Ours"] = float(mine.mean())
+            if len(ref):
+                m[tag + "Reference"] = float(ref.mean())
+    return m

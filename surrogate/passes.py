@@ -10,6 +10,7 @@ recommended mask after every step, so that one run at the largest budget gives t
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +46,9 @@ class LossOracle:
         self._known: dict[tuple[bytes, int], float] = {}
         self._accuracy: dict[tuple[bytes, int], float] = {}
         self._states: dict[tuple[bytes, str], torch.Tensor] = {}
-        self.computed = 0
+        self.computed = 0      # masks run (at any fidelity)
+        self.seconds = 0.0     # wall time of running them ...
+        self.passes_run = 0.0  # ... and how many whole passes they add up to (fidelities weighted)
 
     @property
     def num_edges(self) -> int:
@@ -72,8 +75,11 @@ class LossOracle:
                 f"{self.data.name}[:{n}]", self.data.inputs[:n], self.data.targets[:n])
             # one mask per pass (or the prefix tree, equal bit for bit): a mask's loss never depends on which
             # other masks it was measured with, so every method sees the same number for it
+            t0 = time.perf_counter()
             res = evaluate_masks(self.gated, m[todo], data, self.task, batch_size=self.batch_size,
                                  strategy=self.strategy, masks_per_pass=1 if self.strategy == "stack" else None)
+            self.seconds += time.perf_counter() - t0
+            self.passes_run += len(todo) * n / len(self.data)
             acc = res.accuracy if res.accuracy is not None else np.full(len(todo), np.nan)
             for i, loss, a in zip(todo, res.loss, acc):
                 self._known[keys[i]] = float(loss)
@@ -108,8 +114,11 @@ class LossOracle:
         todo = [i for i, r in enumerate(m) if (mask_key(r), node) not in self._states]
         todo = list({mask_key(m[i]): i for i in reversed(todo)}.values())
         if todo:
+            t0 = time.perf_counter()
             res = evaluate_masks(self.gated, m[todo], self.data, self.task, batch_size=self.batch_size,
                                  masks_per_pass=1, keep_state=node)
+            self.seconds += time.perf_counter() - t0
+            self.passes_run += len(todo)
             acc = res.accuracy if res.accuracy is not None else np.full(len(todo), np.nan)
             for i, loss, a, h in zip(todo, res.loss, acc, res.extra["state"]):
                 self._known.setdefault((mask_key(m[i]), len(self.data)), float(loss))
@@ -139,6 +148,7 @@ class Meter:
     _paid_states: set[tuple[bytes, str]] = field(default_factory=set, repr=False)
     _ticker: Ticker | None = field(default=None, repr=False)
     measured: list[tuple[np.ndarray, float]] = field(default_factory=list, repr=False)  # full-fidelity, in order
+    notes: dict[str, float] = field(default_factory=dict)  # what a method reports about its own cost
 
     @property
     def left(self) -> float:

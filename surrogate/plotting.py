@@ -211,3 +211,37 @@ def draw_graph(graph: "ComputationGraph", ax=None, importances: Sequence[float] 
     ax.set_axis_off()
     ax.margins(0.05)
     return ax
+
+
+def regret_curves(summary: "pd.DataFrame", methods: Sequence[str], labels: Mapping[str, str], *,
+                  ours: Sequence[str] = (), panel: str = "k", width: float = TEXT, height: float = 2.2,
+                  ylabel: str = "true-loss regret"):
+    """Mean regret against passes (log x) per method, one panel per ``panel`` value: a line with a band (the
+    bootstrap interval over networks) for methods with several budgets, a marker for a criterion with one cost;
+    ``ours`` drawn thicker. ``summary``: rows of (panel, P, method, mean, lo, hi), e.g. bench.regret_summary."""
+    import matplotlib.pyplot as plt
+    values = sorted(summary[panel].unique())
+    fig, axes = plt.subplots(1, len(values), figsize=(width, height), squeeze=False, sharey=False)
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+    for ax, v in zip(axes[0], values):
+        sub = summary[summary[panel] == v]
+        for i, m in enumerate(methods):
+            d = sub[sub.method == m].sort_values("spent")
+            if d.empty:
+                continue
+            c, lw = colors[(2 * i) % 20], 2.2 if m in ours else 1.0
+            if d.P.nunique() > 1 and d.spent.nunique() > 1:
+                ax.plot(d.spent, d["mean"], marker="o", ms=3, lw=lw, color=c, label=labels.get(m, m))
+                ax.fill_between(d.spent, d.lo, d.hi, color=c, alpha=0.15, lw=0)
+            else:
+                row = d.iloc[0]
+                ax.errorbar([row.spent], [row["mean"]], yerr=[[row["mean"] - row.lo], [row.hi - row["mean"]]],
+                            fmt="s", ms=4, color=c, capsize=2, label=labels.get(m, m))
+        ax.set_xscale("log")
+        ax.set_title(f"{panel} = {v}")
+        ax.set_xlabel("forward passes")
+        ax.set_ylabel(ylabel if ax is axes[0, 0] else "")
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(names)), frameon=False)
+    fig.tight_layout()
+    return fig

@@ -363,5 +363,5 @@ def run_search(name: str, problem: Problem, oracle: LossOracle, budgets: Sequenc
             trace.extend(meter.picks)
         for b in serves:
             spent = max((s for s, _ in meter.picks if s <= b + 1e-9), default=None)
-            rows.append({"budget": b, "spent": spent, "mask": meter.pick_at(b)})
+            rows.append({"budget": b, "spent": spent, "mask": meter.pick_at(b), **meter.notes})
     return rows

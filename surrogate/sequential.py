@@ -23,6 +23,7 @@ torch's FLOP counter), so the pass count includes the surrogate's own compute.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -55,13 +56,18 @@ def pass_flops(gated, node: str, probe: torch.Tensor) -> tuple[float, float]:
 
 class _Superposition(SuperpositionSurrogate):
     """The superposition surrogate that counts its tail runs and forgets predictions a new pair changes."""
-    tail_runs = 0
-
+    tail_runs = 0            # masks answered by running the tail (not from memory)
+    combine_flops = 0.0      # FLOPs of superposing the measured changes (and pairs) for those masks
+    seconds = 0.0            # wall time of those answers
     wide: WideHeadLoss | None = None
 
     def _predict(self, m: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
         self.tail_runs += len(m)
-        return super()._predict(m)
+        self.combine_flops += 2.0 * len(m) * (self.num_edges + len(self.pair_index)) * self.y1.numel()
+        out = super()._predict(m)
+        self.seconds += time.perf_counter() - t0
+        return out
 
     def _loss(self, y: torch.Tensor, targets: torch.Tensor) -> float:
         return self.wide.loss(y) if self.wide is not None else super()._loss(y, targets)
@@ -218,7 +224,7 @@ class _Design:
         e, units = problem.num_edges, problem.units
         design = np.ones((1 + len(units), e), dtype=np.float32)
         design[1 + np.arange(len(units)), units] = 0
-        self.node, self.frac, self.settled = None, 0.0, 0
+        self.node, self.frac, self.settled, self.settled_flops, self.pass_flops = None, 0.0, 0, 0.0, 1.0
         if base == "loss":
             losses = meter.measure(design)
             self.model.start(losses[0], losses[1:])
@@ -230,7 +236,7 @@ class _Design:
         probe = ctx.scoring.inputs[:2]
         meter.charge(2 * len(probe) / len(ctx.scoring), "measuring the tail's share of a pass")
         whole, tail = pass_flops(ctx.gated, self.node, probe)
-        self.frac = tail / whole
+        self.frac, self.pass_flops = tail / whole, whole * len(ctx.scoring)
         meter.charge(1, "merge shares")  # the superposition weighs edges by measured merge shares
         losses, states = meter.states(design, self.node)
         self.model.start(losses[0], losses[1:], states, self.node)
@@ -239,9 +245,16 @@ class _Design:
         self.settle()
 
     def settle(self) -> None:
-        """Charge the tail runs of the model's queries since the last settlement."""
-        self.meter.charge((self.model.tail_runs - self.settled) * self.frac, "surrogate queries")
-        self.settled = self.model.tail_runs
+        """Charge the model's queries since the last settlement: the tail runs (``frac`` of a pass each) and the
+        arithmetic of superposing the measured changes, in passes by FLOPs; note the queries' cost so far."""
+        sup = self.model.sup
+        if sup is None:
+            return
+        flops = sup.combine_flops - self.settled_flops
+        self.meter.charge((sup.tail_runs - self.settled) * self.frac + flops / self.pass_flops, "surrogate queries")
+        self.settled, self.settled_flops = sup.tail_runs, sup.combine_flops
+        self.meter.notes.update(queries=sup.tail_runs, query_seconds=sup.seconds,
+                                query_passes=self.settled * self.frac + self.settled_flops / self.pass_flops)
 
     def measure(self, mask: np.ndarray) -> float:
         """Measure a mask (with its state, if any: a later pair may be this very mask) and add it to the model."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import replace
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
@@ -53,10 +53,14 @@ def configs(name: str) -> tuple:
             replace(PAPER_LM_TRAINING, epochs=1, batch_size=16, device="cpu"))
 
 
-def load(name: str, data_dir: str | os.PathLike[str] | None = None,
-         log: Callable[[str], None] | None = None) -> tuple[nn.Module, dict[str, Subset], Task]:
-    """The network (eval mode), its data splits (``cifar_splits`` / ``wikitext_splits``) and its task."""
-    spec, (data, training) = parse(name), configs(name)
+def load(name: str, data_dir: str | os.PathLike[str] | None = None, log: Callable[[str], None] | None = None, *,
+         data: Mapping[str, Any] | None = None, training: Mapping[str, Any] | None = None
+         ) -> tuple[nn.Module, dict[str, Subset], Task]:
+    """The network (eval mode), its data splits (``cifar_splits`` / ``wikitext_splits``) and its task.
+    ``data`` / ``training``: fields of its configurations to change (a small, quickly trained stand-in for a fast
+    profile, e.g. ``training={"epochs": 1}``; no longer the paper's network, so trained into the cache)."""
+    spec, (d, t) = parse(name), configs(name)
+    data, training = replace(d, **(data or {})), replace(t, **(training or {}))
     if spec["study"] == "cifar":
         from .cifar import cifar_resnet, cifar_splits
         splits = cifar_splits(data, data_dir)
