@@ -190,6 +190,79 @@ _CAT = {"cat", "concat", "concatenate", "stack"}
 
 
 @torch.no_grad()
+class ShareMeter:
+    """Accumulates the merge shares of ``graph``'s edges (``measure_shares``) from the values of the nodes in
+    ``nodes`` (names in ``graph.module``), one batch at a time: any forward pass that taps them (e.g. the dense
+    network's measured pass) yields the shares at no extra pass."""
+
+    def __init__(self, graph: ComputationGraph):
+        self.graph = graph
+        self.by_dst: dict[str, list[int]] = {}
+        for i, e in enumerate(graph.edges):
+            self.by_dst.setdefault(e.dst, []).append(i)
+        nodes = {n.name: n for n in graph.module.graph.nodes}
+        self.kinds: dict[str, str] = {}
+        for v, idx in self.by_dst.items():
+            if len(idx) < 2:
+                self.kinds[v] = "single"
+            elif v in graph.head_splits:
+                self.kinds[v] = "heads"
+            else:
+                ops = {_canonical_op(nodes[c]) for i in idx for _, c in graph.edges[i].links}
+                self.kinds[v] = "sum" if ops <= _SUM else "cat" if ops <= _CAT else "equal"
+        wanted = {p for v, idx in self.by_dst.items() if self.kinds[v] in ("sum", "cat")
+                  for i in idx for p, _ in graph.edges[i].links}
+        wanted |= {graph.head_splits[v].input for v, k in self.kinds.items() if k == "heads"}
+        self.nodes = tuple(sorted(wanted))
+        self.num = np.zeros(len(graph.edges))
+        self.den = {v: 0.0 for v in self.by_dst}
+
+    def _head_terms(self, v: str, x: torch.Tensor) -> list[torch.Tensor]:
+        """The contribution x_k W_k of each head k to the output of projection ``v`` (no bias)."""
+        split = self.graph.head_splits[v]
+        weight = self.graph.module.get_submodule(split.vertex.split("@")[0]).weight.detach().double()
+        if split.layout == "linear":  # weight (out, in); Conv1D's is (in, out)
+            weight = weight.T
+        chunks = x.unflatten(-1, (split.heads, -1))      # (..., heads, head dim)
+        rows = weight.unflatten(0, (split.heads, -1))    # (heads, head dim, out)
+        return [chunks[..., k, :] @ rows[k] for k in range(split.heads)]
+
+    def add(self, acts: dict[str, torch.Tensor]) -> None:
+        """One batch: the value of every node in ``nodes``."""
+        acts = {k: v.detach().double() for k, v in acts.items()}
+        edges, num, den = self.graph.edges, self.num, self.den
+        for v, idx in self.by_dst.items():
+            if self.kinds[v] == "heads":
+                terms = self._head_terms(v, acts[self.graph.head_splits[v].input])
+                y = torch.stack(terms).sum(0)
+                den[v] += float((y * y).sum())
+                for i in idx:
+                    num[i] += float((terms[edges[i].part[0]] * y).sum())
+                continue
+            if self.kinds[v] not in ("sum", "cat"):
+                continue
+            xs = [sum(acts[p] for p in dict.fromkeys(p for p, _ in edges[i].links)) for i in idx]
+            if self.kinds[v] == "sum" and len({x.shape for x in xs}) == 1:
+                y = torch.stack(xs).sum(0)
+                den[v] += float((y * y).sum())
+                for i, x in zip(idx, xs):
+                    num[i] += float((x * y).sum())
+            else:  # concatenation (or a broadcasting sum): energy shares
+                energies = [float((x * x).sum()) for x in xs]
+                den[v] += sum(energies)
+                for i, en in zip(idx, energies):
+                    num[i] += en
+
+    def shares(self) -> np.ndarray:
+        shares = np.ones(len(self.graph.edges))
+        for v, idx in self.by_dst.items():
+            if self.kinds[v] == "equal":
+                shares[idx] = 1.0 / len(idx)
+            elif self.kinds[v] in ("sum", "cat", "heads"):
+                shares[idx] = self.num[idx] / self.den[v] if self.den[v] > 0 else 1.0 / len(idx)
+        return shares
+
+
 def measure_shares(graph: ComputationGraph, inputs: Any, batch_size: int = 512) -> np.ndarray:
     """The share c_e of every edge of ``graph.edges`` in its destination's combined input (see module doc),
     averaged over ``inputs`` (a Subset, or the model's input tensor; one forward pass, no masks).
@@ -197,34 +270,8 @@ def measure_shares(graph: ComputationGraph, inputs: Any, batch_size: int = 512) 
     An attention output projection split into heads (``graph.head_splits``) is linear in its input,
     y = sum_k x_k W_k + b, so it is treated as a sum whose terms are the heads' contributions x_k W_k (the
     bias is no input edge): c_k = <x_k W_k, y0> / <y0, y0> with y0 = sum_k x_k W_k."""
-    by_dst: dict[str, list[int]] = {}
-    for i, e in enumerate(graph.edges):
-        by_dst.setdefault(e.dst, []).append(i)
-    nodes = {n.name: n for n in graph.module.graph.nodes}
-    kinds: dict[str, str] = {}
-    for v, idx in by_dst.items():
-        if len(idx) < 2:
-            kinds[v] = "single"
-        elif v in graph.head_splits:
-            kinds[v] = "heads"
-        else:
-            ops = {_canonical_op(nodes[c]) for i in idx for _, c in graph.edges[i].links}
-            kinds[v] = "sum" if ops <= _SUM else "cat" if ops <= _CAT else "equal"
-    wanted = {p for v, idx in by_dst.items() if kinds[v] in ("sum", "cat")
-              for i in idx for p, _ in graph.edges[i].links}
-    wanted |= {graph.head_splits[v].input for v, k in kinds.items() if k == "heads"}
-
-    def head_terms(v: str, x: torch.Tensor) -> list[torch.Tensor]:
-        """The contribution x_k W_k of each head k to the output of projection ``v`` (no bias)."""
-        split = graph.head_splits[v]
-        weight = graph.module.get_submodule(split.vertex.split("@")[0]).weight.detach().double()
-        if split.layout == "linear":  # weight (out, in); Conv1D's is (in, out)
-            weight = weight.T
-        chunks = x.unflatten(-1, (split.heads, -1))      # (..., heads, head dim)
-        rows = weight.unflatten(0, (split.heads, -1))    # (heads, head dim, out)
-        return [chunks[..., k, :] @ rows[k] for k in range(split.heads)]
-    num = np.zeros(len(graph.edges))
-    den = {v: 0.0 for v in by_dst}
+    meter = ShareMeter(graph)
+    wanted = set(meter.nodes)
     acts: dict[str, torch.Tensor] = {}
 
     def record(n: fx.Node, compute: Callable[[], Any]) -> Any:
@@ -238,31 +285,5 @@ def measure_shares(graph: ComputationGraph, inputs: Any, batch_size: int = 512) 
         acts.clear()
         with measuring(graph.module):
             run_nodes(graph.module, x, record)
-        for v, idx in by_dst.items():
-            if kinds[v] == "heads":
-                terms = head_terms(v, acts[graph.head_splits[v].input])
-                y = torch.stack(terms).sum(0)
-                den[v] += float((y * y).sum())
-                for i in idx:
-                    num[i] += float((terms[graph.edges[i].part[0]] * y).sum())
-                continue
-            if kinds[v] not in ("sum", "cat"):
-                continue
-            xs = [sum(acts[p] for p in dict.fromkeys(p for p, _ in graph.edges[i].links)) for i in idx]
-            if kinds[v] == "sum" and len({x.shape for x in xs}) == 1:
-                y = torch.stack(xs).sum(0)
-                den[v] += float((y * y).sum())
-                for i, x in zip(idx, xs):
-                    num[i] += float((x * y).sum())
-            else:  # concatenation (or a broadcasting sum): energy shares
-                energies = [float((x * x).sum()) for x in xs]
-                den[v] += sum(energies)
-                for i, en in zip(idx, energies):
-                    num[i] += en
-    shares = np.ones(len(graph.edges))
-    for v, idx in by_dst.items():
-        if kinds[v] == "equal":
-            shares[idx] = 1.0 / len(idx)
-        elif kinds[v] in ("sum", "cat", "heads"):
-            shares[idx] = num[idx] / den[v] if den[v] > 0 else 1.0 / len(idx)
-    return shares
+        meter.add(acts)
+    return meter.shares()

@@ -210,6 +210,17 @@ class Meter:
         self._report()
         return losses, h
 
+    def record(self, mask: np.ndarray, loss: float, accuracy: float = float("nan")) -> None:
+        """A whole-subset pass the method ran itself (e.g. with extra taps): charged as one pass, remembered by
+        the oracle and the method like any measured mask (its loss must be what the oracle would measure)."""
+        key = (mask_key(mask), len(self.oracle.data))
+        if key in self._paid:
+            return
+        self.charge(1.0, "a pass run by the method")
+        self.oracle.preload(np.asarray(mask, dtype=np.float32)[None], np.array([loss]), np.array([accuracy]))
+        self._paid[key] = float(loss)
+        self.measured.append((np.asarray(mask, dtype=np.float32).copy(), float(loss)))
+
     def charge(self, passes: float, what: str = "work") -> None:
         """Charge work other than measuring masks, in pass units (e.g. a surrogate's queries)."""
         if passes < 0:

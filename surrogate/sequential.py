@@ -237,11 +237,11 @@ class _Design:
         meter.charge(2 * len(probe) / len(ctx.scoring), "measuring the tail's share of a pass")
         whole, tail = pass_flops(ctx.gated, self.node, probe)
         self.frac, self.pass_flops = tail / whole, whole * len(ctx.scoring)
-        meter.charge(1, "merge shares")  # the superposition weighs edges by measured merge shares
-        losses, states = meter.states(design, self.node)
-        self.model.start(losses[0], losses[1:], states, self.node)
+        dense = _dense_pass(ctx, self.node, meter)  # the dense network's loss, readout state and merge shares
+        losses, states = meter.states(design[1:], self.node)
+        self.model.start(dense[0], losses, torch.cat([dense[1][None], states]), self.node)
         if wide_head is not None:
-            self.frac = _cheap_queries(self.model.sup, ctx, states[0], self.frac, whole, wide_head, meter)
+            self.frac = _cheap_queries(self.model.sup, ctx, dense[1], self.frac, whole, wide_head, meter)
         self.settle()
 
     def settle(self) -> None:
@@ -325,6 +325,33 @@ def fit_generic(problem: Problem, meter: Meter, rng: np.random.Generator, base: 
         except BudgetExhausted:
             break
     return d.model
+
+
+@torch.no_grad()
+def _dense_pass(ctx, node: str, meter: Meter) -> tuple[float, torch.Tensor]:
+    """One pass of the dense network over the scoring subset that yields its loss (recorded in the meter), its
+    readout state and the merge shares (kept in ``ctx.memo`` for the superposition's flow weights)."""
+    from .flow import ShareMeter
+    from .measuring import measuring
+    shares = ShareMeter(ctx.graph)
+    data, task, bs = ctx.scoring, ctx.task, meter.oracle.batch_size
+    taps = (node, *[t for t in shares.nodes if t != node])
+    dev = next(ctx.gated.parameters(), torch.zeros(0)).device
+    ones = torch.ones(ctx.num_edges, device=dev)
+    total, correct, states = torch.zeros((), dtype=torch.float64), 0.0, []
+    with measuring(ctx.gated):
+        for b0 in range(0, len(data), bs):
+            x, y = data.inputs[b0:b0 + bs].to(dev), data.targets[b0:b0 + bs].to(dev)
+            out, tapped = ctx.gated(x, mask=ones, taps=taps)
+            loss, acc = task.per_sample(out, y)
+            total += loss.double().sum().cpu()
+            correct += float(acc.double().sum()) if acc is not None else float("nan")
+            states.append(tapped[node].cpu())
+            shares.add({t: tapped[t] for t in shares.nodes})
+    ctx.memo["shares"] = shares.shares()
+    loss = float((total / len(data)).numpy())
+    meter.record(np.ones(ctx.num_edges, dtype=np.float32), loss, correct / len(data))
+    return loss, torch.cat(states)
 
 
 def _cheap_queries(sup: _Superposition, ctx, dense: torch.Tensor, frac: float, whole: float, wide: int,

@@ -248,3 +248,22 @@ def test_a_method_from_outside_the_package_is_benchmarked_in_a_few_lines(tmp_pat
     assert len(mine) == 4 and all(r["spent"] == 0 and r["regret"] >= 0 for r in mine)
     again = score(["last_units"], study, truth=table, log=None)  # the truth is read, not measured again
     assert [r["loss"] for r in again.picks] == [r["loss"] for r in mine]
+
+
+@pytest.mark.parametrize("which", ["resnet", "lm"])
+def test_the_dense_pass_gives_the_oracles_loss_and_the_merge_shares(setup, tiny_lm, which):
+    from surrogate.flow import measure_shares
+    from surrogate.readout import find_readout
+    from surrogate.sequential import _dense_pass
+    if which == "resnet":
+        _, graph, gated, scoring, _, task = setup
+    else:
+        _, graph, gated, scoring, task = tiny_lm
+    ctx = Context(graph, gated, scoring, task)
+    oracle = LossOracle(gated, scoring, task, batch_size=8)
+    meter = oracle.meter(5)
+    loss, state = _dense_pass(ctx, find_readout(gated), meter)
+    ones = np.ones(graph.num_prunable, dtype=np.float32)
+    assert meter.spent == 1 and LossOracle(gated, scoring, task, batch_size=8).losses(ones)[0] == loss
+    np.testing.assert_allclose(ctx.memo["shares"], measure_shares(graph, scoring.inputs), rtol=1e-9, atol=1e-12)
+    assert state.shape[0] == len(scoring)
