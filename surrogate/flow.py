@@ -189,7 +189,6 @@ _SUM = {"add", "sub", "_keep"}
 _CAT = {"cat", "concat", "concatenate", "stack"}
 
 
-@torch.no_grad()
 class ShareMeter:
     """Accumulates the merge shares of ``graph``'s edges (``measure_shares``) from the values of the nodes in
     ``nodes`` (names in ``graph.module``), one batch at a time: any forward pass that taps them (e.g. the dense
@@ -227,6 +226,7 @@ class ShareMeter:
         rows = weight.unflatten(0, (split.heads, -1))    # (heads, head dim, out)
         return [chunks[..., k, :] @ rows[k] for k in range(split.heads)]
 
+    @torch.no_grad()
     def add(self, acts: dict[str, torch.Tensor]) -> None:
         """One batch: the value of every node in ``nodes``."""
         acts = {k: v.detach().double() for k, v in acts.items()}
@@ -263,6 +263,7 @@ class ShareMeter:
         return shares
 
 
+@torch.no_grad()
 def measure_shares(graph: ComputationGraph, inputs: Any, batch_size: int = 512) -> np.ndarray:
     """The share c_e of every edge of ``graph.edges`` in its destination's combined input (see module doc),
     averaged over ``inputs`` (a Subset, or the model's input tensor; one forward pass, no masks).
