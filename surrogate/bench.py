@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch.nn as nn
 
-from .evaluate import Subset, Task
+from .tasks import Subset, Task
 from .gating import GatedModel
 from .graph import ComputationGraph, build_graph
 from .masks import exhaustive_masks, mask_text
@@ -122,7 +122,7 @@ def run_bench(model: nn.Module | ComputationGraph, scoring: Subset, evaluation: 
     """The benchmark on one network (module docstring). ``truth``: an oracle on ``evaluation`` to reuse (e.g.
     preloaded from a truth table: ``load_truth``); its measurements grow as picks are scored."""
     say = log or (lambda msg: None)
-    graph = model if isinstance(model, ComputationGraph) else build_graph(model, scoring.inputs[:4])
+    graph = model if isinstance(model, ComputationGraph) else build_graph(model, scoring[:4].args(model))
     gated = GatedModel(graph)
     allowed = _units(graph, config.units)
     e = int(allowed.sum())
@@ -388,7 +388,8 @@ def evaluation_subset(test: Subset, n: int) -> Subset:
     """The first ``n`` samples of a seed-0 permutation of ``test``, named by both (truth tables key on the name)."""
     import torch
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n]
-    return Subset(f"{test.name}[{len(pick)} of {len(test)}, seed 0]", test.inputs[pick], test.targets[pick])
+    part = test[pick]
+    return Subset(f"{test.name}[{len(pick)} of {len(test)}, seed 0]", part.inputs, part.targets)
 
 
 def score(searches: Sequence[str], study: str | Study = "cifar", *, zero_shot: Sequence[str] = (),
@@ -411,7 +412,7 @@ def score(searches: Sequence[str], study: str | Study = "cifar", *, zero_shot: S
     for name in networks or spec.networks:
         net, splits, task = load(name, data_dir, log)
         evaluation = evaluation_subset(splits["test"], spec.n_eval)
-        graph = build_graph(net, splits["scoring"].inputs[:4])
+        graph = build_graph(net, splits["scoring"][:4].args(net))
         oracle = LossOracle(GatedModel(graph), evaluation, task, batch_size=config.batch_size, strategy=config.strategy)
         if truth is not None:
             load_truth(truth, name, oracle)

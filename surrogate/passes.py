@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .evaluate import Subset, Task, evaluate_masks
+from .evaluate import evaluate_masks
+from .tasks import Subset, Task
 from .gating import GatedModel
 from .progress import Ticker
 
@@ -71,8 +72,8 @@ class LossOracle:
                 first.setdefault(k, i)
         todo = list(first.values())
         if todo:
-            data = self.data if n == len(self.data) else Subset(
-                f"{self.data.name}[:{n}]", self.data.inputs[:n], self.data.targets[:n])
+            part = self.data[:n]
+            data = self.data if n == len(self.data) else Subset(f"{self.data.name}[:{n}]", part.inputs, part.targets)
             # one mask per pass (or the prefix tree, equal bit for bit): a mask's loss never depends on which
             # other masks it was measured with, so every method sees the same number for it
             t0 = time.perf_counter()

@@ -46,12 +46,14 @@ def _flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def pass_flops(gated, node: str, probe: torch.Tensor) -> tuple[float, float]:
-    """FLOPs per sample of the whole gated network and of its tail from readout ``node``, on ``probe``."""
+def pass_flops(gated, node: str, probe: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+    """FLOPs per sample of the whole gated network and of its tail from readout ``node``, on the model's
+    positional inputs ``probe``."""
     with torch.no_grad():
-        _, taps = gated(probe, taps=(node,))
-    whole = _flops(lambda: gated(probe))
-    return whole / len(probe), _flops(lambda: Tail(gated, node)(taps[node], probe)) / len(probe)
+        _, taps = gated(*probe, taps=(node,))
+    n = len(probe[0])
+    whole = _flops(lambda: gated(*probe))
+    return whole / n, _flops(lambda: Tail(gated, node)(taps[node], *probe)) / n
 
 
 class _Superposition(SuperpositionSurrogate):
@@ -233,8 +235,8 @@ class _Design:
         if self.node is None:
             raise ValueError("the superposition base needs a readout state (surrogate.readout.find_readout "
                              "found none in this graph); use base='loss'")
-        probe = ctx.scoring.inputs[:2]
-        meter.charge(2 * len(probe) / len(ctx.scoring), "measuring the tail's share of a pass")
+        probe = ctx.scoring[:2].args(ctx.gated)
+        meter.charge(2 * len(probe[0]) / len(ctx.scoring), "measuring the tail's share of a pass")
         whole, tail = pass_flops(ctx.gated, self.node, probe)
         self.frac, self.pass_flops = tail / whole, whole * len(ctx.scoring)
         dense = _dense_pass(ctx, self.node, meter)  # the dense network's loss, readout state and merge shares
@@ -340,9 +342,8 @@ def _dense_pass(ctx, node: str, meter: Meter) -> tuple[float, torch.Tensor]:
     ones = torch.ones(ctx.num_edges, device=dev)
     total, correct, states = torch.zeros((), dtype=torch.float64), 0.0, []
     with measuring(ctx.gated):
-        for b0 in range(0, len(data), bs):
-            x, y = data.inputs[b0:b0 + bs].to(dev), data.targets[b0:b0 + bs].to(dev)
-            out, tapped = ctx.gated(x, mask=ones, taps=taps)
+        for x, y in data.batches(bs, ctx.gated, dev):
+            out, tapped = ctx.gated(*x, mask=ones, taps=taps)
             loss, acc = task.per_sample(out, y)
             total += loss.double().sum().cpu()
             correct += float(acc.double().sum()) if acc is not None else float("nan")
@@ -363,7 +364,7 @@ def _cheap_queries(sup: _Superposition, ctx, dense: torch.Tensor, frac: float, w
     if parts is None or parts[1].shape[0] < wide:
         return frac
     meter.charge(frac, "the wide head's candidates on the dense state")
-    sup.wide = WideHeadLoss(sup.tail, dense, ctx.scoring.inputs, ctx.scoring.targets, ctx.task)
+    sup.wide = WideHeadLoss(sup.tail, dense, ctx.scoring.args(ctx.gated), ctx.scoring.targets, ctx.task)
     return sup.wide.flops(dense) / (whole * len(ctx.scoring))
 
 

@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .evaluate import Task
+from .tasks import Task
 from .readout import Tail
 
 __all__ = ["split_head", "WideHeadLoss"]
@@ -72,6 +72,7 @@ class WideHeadLoss:
     """Mean cross-entropy of readout states through ``tail`` on fixed inputs and targets (module docstring).
 
     dense_state: the readout state of the dense network on ``inputs`` ((n, ...), as ``Tail`` takes it);
+    inputs: the model's positional inputs of those samples (a tensor or a tuple: ``Subset.args(model)``);
     task: "lm" (next-token: position t predicts target t + 1) or "classification"; k: candidates per position."""
 
     def __init__(self, tail: Tail, dense_state: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
@@ -82,10 +83,11 @@ class WideHeadLoss:
         if task.kind not in ("lm", "classification"):
             raise ValueError(f"WideHeadLoss computes cross-entropy; the task is {task.kind!r}")
         self.pre, w, b = parts
-        self.inputs, self.task = inputs, task
+        self.inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        self.task = task
         self.dtype = dense_state.dtype
         with torch.no_grad():
-            u0, tgt = self._positions(self.pre(dense_state, inputs)), self._targets(targets)
+            u0, tgt = self._positions(self.pre(dense_state, *self.inputs)), self._targets(targets)
             w, b = w.float(), (torch.zeros(w.shape[0]) if b is None else b.float())
             k = min(k, w.shape[0])
             cands, log_rest, mu = [], [], []
@@ -115,7 +117,7 @@ class WideHeadLoss:
     @torch.no_grad()
     def loss(self, state: torch.Tensor) -> float:
         """The mean loss of ``state`` ((n, ...), any float dtype) through the tail."""
-        u = self._positions(self.pre(state.to(self.dtype), self.inputs))
+        u = self._positions(self.pre(state.to(self.dtype), *self.inputs))
         z = torch.einsum("nd,nkd->nk", u, self.w_cand) + self.b_cand
         rest = self.log_rest + ((u - self.u0) * self.mu).sum(-1)
         lse = torch.logsumexp(torch.cat([z, rest[:, None]], 1), 1)
@@ -124,6 +126,6 @@ class WideHeadLoss:
     def flops(self, state: torch.Tensor) -> int:
         """FLOPs of one ``loss`` call (torch's counter for the tail before the head, plus the candidate logits)."""
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            self.pre(state.to(self.dtype), self.inputs)
+            self.pre(state.to(self.dtype), *self.inputs)
         n, k, d = self.w_cand.shape
         return counter.get_total_flops() + 2 * n * k * d
