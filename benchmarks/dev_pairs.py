@@ -56,7 +56,7 @@ else:
     tests = {p: f.draw(graph, 7 + i, exclude=fit) for i, (p, f) in enumerate(fam.items())}
     truth = {}
     for p, m in tests.items():
-        r = evaluate_masks(gated, m, evaluation, task, batch_size=500, strategy="prefix", progress=True)
+        r = evaluate_masks(gated, m, evaluation, task, batch_size=500, strategy="prefix", log=print)
         truth[p] = (r.loss, r.accuracy)
     np.savez(tf, **{f"{p}_m": tests[p] for p in fam}, **{f"{p}_l": truth[p][0] for p in fam},
              **{f"{p}_a": truth[p][1] for p in fam})
@@ -69,7 +69,7 @@ pf = out / f"pairs_{args.seed}.pt"
 if pf.exists():
     pair_state, pair_loss = torch.load(pf, weights_only=False)
 else:
-    res = evaluate_masks(gated, pm, scoring, task, batch_size=500, keep_state=node, masks_per_pass=1, progress=True)
+    res = evaluate_masks(gated, pm, scoring, task, batch_size=500, keep_state=node, masks_per_pass=1, log=print)
     pair_state, pair_loss = res.extra["state"], res.loss
     torch.save((pair_state, pair_loss), pf)
 

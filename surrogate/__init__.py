@@ -9,7 +9,7 @@ The names a user needs, in the order of use::
     predictor = fit_method("superposition", ctx)           # any name in METHODS
     mask = select_mask(predictor, graph, Budget(edges=3))
     smaller = prune(graph, mask)                           # a physically smaller nn.Module
-    auto_prune(model, scoring, task, Budget(edges=3))      # all of the above in one call
+    auto_prune(model, scoring, task, Budget(params=0.8))   # all of the above in one call (<= 80% of the parameters)
     run_experiment(model, scoring, evaluation, task, ExperimentConfig(...))   # the studies' protocol
 """
 # the method modules register their methods in METHODS on import; this order is the registry's order

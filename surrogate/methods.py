@@ -319,7 +319,8 @@ def label(name: str) -> str:
 
 
 def measure_design(gated: GatedModel, scoring: Subset, task: Task, methods: Iterable[str],
-                   masks: np.ndarray | None = None, *, batch_size: int = 256, progress: bool = False) -> Measured:
+                   masks: np.ndarray | None = None, *, batch_size: int = 256,
+                   log: Callable[[str], None] | None = None) -> Measured:
     """Measure the fitting masks (default: the prior design, ``masks.prior_design``) once on ``scoring``,
     keeping the outputs, or the readout states, when one of ``methods`` is built from them: the ``measured``
     of the Context that every method is then fitted from. The experiment protocol, ``auto_prune`` and
@@ -330,6 +331,6 @@ def measure_design(gated: GatedModel, scoring: Subset, task: Task, methods: Iter
         raise KeyError(f"unknown method(s) {', '.join(map(repr, unknown))}; registered: {', '.join(METHODS)}")
     design = prior_design(gated.graph.num_prunable) if masks is None else np.asarray(masks, dtype=np.float32)
     state = find_readout(gated) if any(METHODS[m].needs_state for m in names) else None
-    result = evaluate_masks(gated, design, scoring, task, batch_size=batch_size, progress=progress,
+    result = evaluate_masks(gated, design, scoring, task, batch_size=batch_size, log=log,
                             keep_outputs=any(METHODS[m].needs_outputs for m in names), keep_state=state)
     return Measured.of(design, result)
