@@ -3,7 +3,7 @@
     net, splits, task = load("cifar_resnet20_seed0")       # ResNet-20 on CIFAR-10, evaluation network 0
     net, splits, task = load("gpt2_12l_seed100")           # 12-layer GPT-2 on WikiText-2, a development network
 
-Names: ``cifar_resnet20_seed<s>`` (50 epochs; ``..._<n>ep`` for a shorter development schedule),
+Names: ``cifar_resnet20_seed<s>`` (30 epochs, the recipe of notebook 02; ``..._<n>ep`` for a shorter development schedule),
 ``gpt2_<L>l_seed<s>`` (L = 4 or 12 layers). Seeds 0, 1, 2 are evaluation networks, 100+ development networks.
 The weights come from ``checkpoints/`` when shipped (``surrogate.checkpoints``), else from the cache, else they
 are trained (``scripts/train_networks.py`` trains and ships them). The notebooks' paper profiles build the same
@@ -22,7 +22,7 @@ from .evaluate import Subset, Task
 
 __all__ = ["CIFAR_EPOCHS", "GPT2_SIZES", "parse", "load", "configs"]
 
-CIFAR_EPOCHS = 50
+CIFAR_EPOCHS = 30
 GPT2_SIZES = {4: dict(n_layer=4, n_head=4, n_embd=256), 12: dict(n_layer=12, n_head=4, n_embd=160)}
 _NAME = re.compile(r"^(?:cifar_resnet20_seed(?P<cseed>\d+)(?:_(?P<epochs>\d+)ep)?|gpt2_(?P<layers>\d+)l_seed(?P<lseed>\d+))$")
 
