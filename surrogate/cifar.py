@@ -5,21 +5,38 @@ them); ``val`` -- those held-out images
 (early stopping / model choice); ``scoring`` -- ``n_score`` images of ``train`` (all a pruning method may
 see); ``test`` -- the test set (the truth). ``classes`` keeps a subset of the classes, relabelled 0..k-1 in
 the given order (the transfer scenario trains on some classes and transfers to the others).
+
+The study's protocol (``branch_protocol``): the exhaustive family of the residual branches and realistic masks
+over every edge; the cost of its pruned networks (``cost_of``); the transfer scenario (``cifar_transfer``); and
+its numbers for the paper (``cifar_macros``).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
+import pandas as pd
 import torch
+import torch.nn as nn
 
 from .data import cifar_augment, load_cifar10, normalize_cifar, resolve_data_dir
 from .evaluate import Subset, Task
+from .experiment import ExperimentConfig, MaskFamily
 from .models import ResNetCifar
+from .paper import Macros
+from .profile import count_macs, count_params, measure_latency
+from .progress import say
+from .report import cost_macros, family_macros, macros_from, macros_of, ranking_macros, summarize
+from .scenarios import FinetuneConfig, transfer_picks
+from .studies import Records
 from .train import TrainConfig, cached_model, train
 
-__all__ = ["CifarConfig", "PAPER_TRAINING", "cifar_splits", "cifar_resnet"]
+__all__ = ["CifarConfig", "PAPER_TRAINING", "BRANCHES", "cifar_splits", "cifar_resnet", "branch_protocol", "cost_of",
+           "cifar_transfer",
+           "cifar_macros"]
+
+BRANCHES = r"bn2 ->"  # the residual branches (edges from each block's last BatchNorm into its add)
 
 # the training recipe of the paper profile: SGD with Nesterov momentum, one cycle (2 warmup epochs, linear
 # decay), weight decay 5e-4, bf16 autocast and channels-last on the CPU, the last epoch's weights
@@ -75,7 +92,6 @@ def cifar_resnet(config: CifarConfig, training: TrainConfig = PAPER_TRAINING, se
     """A CIFAR ResNet of ``config.depth`` trained with ``training`` (seeded by ``seed``) on the ``train``
     split, from the cache when it was trained before (keyed by every config and the data source). Returns
     the model (eval mode) and its metadata: validation loss and accuracy per epoch."""
-    from dataclasses import replace
     tc = replace(training, seed=seed)
     classes = len(config.classes) if config.classes is not None else 10
 
@@ -86,3 +102,67 @@ def cifar_resnet(config: CifarConfig, training: TrainConfig = PAPER_TRAINING, se
 
     return cached_model((config, tc, {"data": _source(data_dir)}), lambda: ResNetCifar(config.depth, classes, config.width),
                         fit, cache_dir=cache_dir, kind="cifar_resnet")
+
+
+def branch_protocol(methods: Sequence[str], n_realistic: int, budgets: Sequence[int]) -> ExperimentConfig:
+    """The study's protocol: all 2^9 masks of the residual branches (shortcuts kept, the exhaustive truth) and
+    ``n_realistic`` masks removing 1-4 of all edges (connected); picks remove ``budgets`` branches."""
+    return ExperimentConfig(
+        methods=tuple(methods), eval_strategy="prefix", eval_batch=500, context_batch=100,
+        families=(MaskFamily("branches", "exhaustive", edges=BRANCHES, holdout=False),
+                  MaskFamily("realistic", "removed", n=n_realistic, counts=(1, 2, 3, 4))),
+        budgets=tuple(budgets), budget_unit="edges", budget_edges=BRANCHES)
+
+
+def cost_of(model: nn.Module, one: torch.Tensor, batch: torch.Tensor) -> dict[str, float]:
+    """Parameters, MACs of one image, and the CPU latency at batch 1 and of ``batch`` (milliseconds)."""
+    return {"params": count_params(model), "macs": count_macs(model, one),
+            "latency_b1_ms": measure_latency(model, one, repeats=20),
+            "latency_b256_ms": measure_latency(model, batch, repeats=5)}
+
+
+def cifar_transfer(config: CifarConfig, training: TrainConfig, methods: Sequence[str], budget: int,
+                   finetune: FinetuneConfig, *, epochs: int, seed: int = 0,
+                   data_dir: str | os.PathLike[str] | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                   device: str = "cpu", log: Callable[[str], None] | None = say) -> pd.DataFrame:
+    """Scenario 3 on CIFAR-10: a source ResNet trained ``epochs`` epochs on classes 0-4 (cached), each
+    method's pick of ``budget`` residual branches from importance on the source task and on the target task
+    (classes 5-9, through a linear probe), transferred to the target task (``scenarios.transfer_picks``)."""
+    src_cfg, tgt_cfg = replace(config, classes=(0, 1, 2, 3, 4)), replace(config, classes=(5, 6, 7, 8, 9))
+    src_splits, tgt_splits = cifar_splits(src_cfg, data_dir), cifar_splits(tgt_cfg, data_dir)
+    source_training = replace(training, epochs=epochs)
+    src, _ = cifar_resnet(src_cfg, source_training, seed=seed, data_dir=data_dir, cache_dir=cache_dir,
+                          splits=src_splits, log=log)
+    return transfer_picks(src, src_splits["scoring"], tgt_splits, Task("classification"), methods, budget, finetune,
+                          probe_key=(src_cfg, tgt_cfg, replace(source_training, seed=seed), {"probe": finetune}),
+                          probe_kind="cifar_probe", allowed=BRANCHES, seed=seed, augment=cifar_augment,
+                          device=device, cache_dir=cache_dir, log=log)
+
+
+def cifar_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, finetuned: pd.DataFrame,
+                 cost: pd.DataFrame, transfer: pd.DataFrame | None = None,
+                 ours: Sequence[str] = ("superposition_pairs", "superposition_state")) -> Macros:
+    """The study's measured numbers for the paper (``Cif...``): the networks' test accuracy and mask families,
+    rank agreement and passes (``rank``), the accuracy gap of the picks to the oracle (``picks``, accuracy
+    unit; ``CifOursMeanGap`` for the first of ``ours`` that was run), accuracy after fine-tuning and before
+    (``finetuned``: the summary per method and budget), the cost of the largest pruning and the transfer
+    accuracies."""
+    info = records.info
+    gap = summarize(picks, ["method", "removed"], ["gap"])
+    mean_gap = gap.groupby("method", as_index=False).gap_mean.mean()
+    mine = next((m for m in ours if m in set(gap.method)), ours[-1])
+    macros = Macros(CifTestAcc=float(100 * info.test_acc.mean()), CifTestAccMin=float(100 * info.test_acc.min()),
+                    CifTestAccMax=float(100 * info.test_acc.max()),
+                    CifOursMeanGap=float(gap[gap.method == mine].gap_mean.mean()))
+    macros.update(family_macros(info, "Cif", {"branches": "Branch", "realistic": "Realistic"}))
+    macros.update(cost_macros(cost, "Cif", {"macs_rel": "MacsRatio", "latency_b1_ms_rel": "LatencyOneRatio",
+                                            "latency_b256_ms_rel": "LatencyBatchRatio"}))
+    macros.update(ranking_macros(rank, "Cif"))
+    macros.update(macros_from(rank, "CifFwd", ["protocol", "method"], "forward_mean", digits=0))
+    macros.update(macros_from(mean_gap, "CifMeanGap", ["method"], "gap_mean", digits=2))
+    macros.update(macros_from(gap, "CifGap", ["method", "removed"], "gap_mean", digits=2))
+    macros.update(macros_of(finetuned, ["method", "budget"], {"accuracy_mean": ("CifFt", 1),
+                                                              "accuracy_before_mean": ("CifZs", 1)}))
+    if transfer is not None and len(transfer):
+        macros.update(macros_from(transfer, "CifTr", ["method", "importance_on"], "accuracy", digits=1))
+    return macros

@@ -5,26 +5,44 @@ tokens cut into non-overlapping ``block_size`` windows. Splits (seeded): ``train
 minus the ``n_score`` scoring blocks (or the first ``n_train_blocks`` of them); ``val`` -- ``n_val`` blocks
 of the validation split (model choice); ``scoring`` -- ``n_score`` training blocks held out of ``train`` (all a
 pruning method may see); ``test`` -- every block of the test split (the truth).
+
+The study's protocols: the sub-layer branches (``sublayer_protocol``: every mask of them, the exhaustive truth)
+and the attention heads (``head_protocol``); the cost of pruned networks (``cost_of``) and the memory a
+superposition keeps (``readout_memory``); its numbers for the paper (``lm_macros``, ``head_macros``).
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+import pandas as pd
 import torch
+import torch.nn as nn
 
 from .data import data_cache_dir, load_gpt2_tokenizer, load_wikitext2, resolve_data_dir
 from .evaluate import Subset, Task
+from .experiment import ExperimentConfig, MaskFamily
+from .interactions import Interactions, interactions
 from .measuring import measuring, model_device
+from .methods import METHODS
 from .models import CausalLMLogits
+from .paper import Macros
 from .paths import atomic_path
+from .plotting import heatmap
+from .profile import count_params, measure_latency
+from .report import cost_macros, family_macros, macros_from, ranking_macros, summarize
+from .studies import Records
 from .train import TrainConfig, cached_model, train
 
-__all__ = ["LMConfig", "PAPER_LM_TRAINING", "SUBLAYER_BRANCHES", "HEAD_PROJECTIONS", "wikitext_blocks",
-           "wikitext_splits", "gpt2_lm", "perplexity"]
+__all__ = ["LMConfig", "PAPER_LM_TRAINING", "SUBLAYER_BRANCHES", "HEAD_PROJECTIONS", "HEAD_EDGES", "wikitext_blocks",
+           "wikitext_splits", "gpt2_lm", "perplexity", "training_curve", "sublayer_protocol", "head_protocol",
+           "sublayer_name", "sublayer_interactions", "head_importance", "head_figure", "cost_of", "readout_memory",
+           "lm_macros", "head_macros"]
 
 # the training recipe of the paper profile (nanoGPT-like): AdamW, 0.1 epoch of warmup then cosine decay to 0,
 # weight decay 0.1 (on every parameter: train() has no parameter groups), batches of 16 blocks, bf16 autocast
@@ -37,6 +55,9 @@ PAPER_LM_TRAINING = TrainConfig(epochs=2, batch_size=16, lr=1e-3, weight_decay=0
 # of the attention output projections (build_graph(heads={HEAD_PROJECTIONS: n_head}))
 SUBLAYER_BRANCHES = r"\.(attn\.resid_dropout|mlp\.dropout) -> "
 HEAD_PROJECTIONS = r"attn\.c_proj$"
+HEAD_EDGES = r"\[head \d+\]$"  # the head edges of a graph built with heads={HEAD_PROJECTIONS: n_head}
+MAX_EXHAUSTIVE_BRANCHES = 12    # 2^12 masks: the largest exhaustive family of sub-layer branches measured
+PAIR_METHODS = ("superposition_pairs", "superposition_state", "loo", "taylor2", "block_influence")  # interactions
 
 
 @dataclass(frozen=True)
@@ -148,3 +169,142 @@ def perplexity(model: torch.nn.Module, data: Subset, batch_size: int = 16) -> fl
             x = data.inputs[b0:b0 + batch_size].to(device)
             total += float(Task("lm").per_sample(model(x), x)[0].double().sum())
     return math.exp(total / len(data))
+
+
+def training_curve(metas: dict[int, dict]) -> pd.DataFrame:
+    """The validation curve of each trained network (seed -> ``gpt2_lm`` metadata) with its perplexity
+    ("val_ppl"); empty for pretrained models."""
+    curve = pd.DataFrame([{"seed": s, **h} for s, m in metas.items() for h in m.get("history", [])])
+    if len(curve):
+        curve["val_ppl"] = np.exp(curve.val_loss)
+    return curve
+
+
+def sublayer_protocol(methods: Sequence[str], n_layer: int, n_realistic: int,
+                      budgets: Sequence[int]) -> ExperimentConfig:
+    """The study's protocol on the sub-layer branches: every mask of the 2 x ``n_layer`` branches (the
+    exhaustive truth) and ``n_realistic`` masks removing 1..n_layer of them; picks remove ``budgets`` branches."""
+    if 2 * n_layer > MAX_EXHAUSTIVE_BRANCHES:
+        raise ValueError(f"{n_layer} layers give 2^{2 * n_layer} sub-layer masks: too many for the exhaustive "
+                         f"family; use a model with at most {MAX_EXHAUSTIVE_BRANCHES // 2} layers")
+    return ExperimentConfig(
+        methods=tuple(methods), eval_strategy="prefix", eval_batch=16, context_batch=8,
+        families=(MaskFamily("sublayers", "exhaustive", edges=SUBLAYER_BRANCHES, holdout=False),
+                  MaskFamily("realistic", "removed", n=n_realistic, counts=tuple(range(1, n_layer + 1)),
+                             edges=SUBLAYER_BRANCHES)),
+        budgets=tuple(budgets), budget_unit="edges", budget_edges=SUBLAYER_BRANCHES)
+
+
+def head_protocol(sublayers: ExperimentConfig, methods: Sequence[str], n_layer: int, n_head: int, n_realistic: int,
+                  budgets: Sequence[int], search: int) -> ExperimentConfig:
+    """The head study: the graph of ``sublayers`` with one edge per attention head; ``n_realistic`` masks
+    removing 10-30% of the heads (at least 2: single removals are fitting masks); picks of ``budgets`` heads
+    against the best mask found by ``search`` random masks and ``search // 2`` swap moves around the best.
+    Methods: the predicting ones of ``methods`` but output-space "superposition" (vocabulary-sized outputs)."""
+    hm = tuple(m for m in methods if METHODS[m].predicts and m != "superposition")
+    heads = n_layer * n_head
+    counts = tuple(range(max(2, math.ceil(0.1 * heads)), max(2, math.floor(0.3 * heads)) + 1))
+    return ExperimentConfig(methods=hm, eval_batch=16, context_batch=8, budgets=tuple(budgets),
+                            budget_unit="edges", exhaustive_limit=0, search_random=search, search_swaps=search // 2,
+                            graph=replace(sublayers.graph, heads={HEAD_PROJECTIONS: n_head}), budget_edges=HEAD_EDGES,
+                            families=(MaskFamily("heads", "removed", n=n_realistic, counts=counts, edges=HEAD_EDGES),))
+
+
+def sublayer_name(edge: str) -> str:
+    """'lm.transformer.h.1.mlp.dropout -> ...' -> 'L1.mlp'."""
+    found = re.search(r"\.h\.(\d+)\.(attn|mlp)\.", edge)
+    if found is None:
+        raise ValueError(f"{edge!r} is not a sub-layer branch of a GPT-2 graph (SUBLAYER_BRANCHES)")
+    layer, kind = found.groups()
+    return f"L{layer}.{kind}"
+
+
+def sublayer_interactions(records: Records, methods: Sequence[str] = PAIR_METHODS) -> Interactions:
+    """The interactions of the sub-layer branches (``surrogate.interactions``) from the exhaustive "sublayers"
+    family, pairs named "L<layer>.<attn|mlp>", as predicted by those of ``methods`` that were run."""
+    return interactions(records, "sublayers", SUBLAYER_BRANCHES, methods, name=sublayer_name)
+
+
+def head_importance(records: Records, methods: Sequence[str], n_layer: int, n_head: int,
+                    prefer: Sequence[str] = ("superposition_state", "superposition_pairs", "loo"),
+                    ) -> tuple[str, np.ndarray]:
+    """The importance of every attention head (the predicted cost of removing it alone), averaged over the
+    networks of the head study (run with ``methods``), as a (layers, heads) array, by the first method of
+    ``prefer`` that was run (else the first of ``methods``): (method, array)."""
+    first = next(iter(records.examples.values()))
+    method = next((m for m in prefer if m in methods), methods[0])
+    on_heads = np.array([bool(re.search(HEAD_EDGES, n)) for n in first["edge_names"]])
+    imp = np.mean([ex["importance"][method][on_heads] for ex in records.examples.values()], axis=0)
+    return method, imp.reshape(n_layer, n_head)
+
+
+def head_figure(records: Records, methods: Sequence[str], n_layer: int, n_head: int):
+    """A heatmap of ``head_importance`` (layers x heads) titled with the method that estimated it."""
+    method, imp = head_importance(records, methods, n_layer, n_head)
+    return heatmap(imp, xlabel="head", ylabel="layer", label="scoring loss increase",
+                   title=f"removing one head ({METHODS[method].label.split(' (')[0]})")
+
+
+def cost_of(model: nn.Module, one: torch.Tensor, batch: torch.Tensor) -> dict[str, float]:
+    """Parameters, the CPU latency of one block (milliseconds) and tokens per second at the ``batch`` given."""
+    batch_ms = measure_latency(model, batch, repeats=5, warmup=2)
+    return {"params": count_params(model), "latency_b1_ms": measure_latency(model, one, repeats=10),
+            "tokens_per_s": batch.numel() / batch_ms * 1e3}
+
+
+def readout_memory(tokens: int, width: int, vocab: int, edges: int) -> pd.DataFrame:
+    """What superposing measured changes keeps per measured mask (float32 over ``tokens`` scoring tokens) at the
+    readout state (``width``) against the output logits (``vocab``), and over the prior design (edges + 2)."""
+    memory = pd.DataFrame([{"space": "state", "width": width, "MiB_per_mask": tokens * width * 4 / 2**20},
+                           {"space": "logits", "width": vocab, "MiB_per_mask": tokens * vocab * 4 / 2**20}])
+    memory["MiB_fit_design"] = memory.MiB_per_mask * (edges + 2)
+    return memory
+
+
+def lm_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, oracle: pd.DataFrame,
+              interactions: Interactions, finetuned: pd.DataFrame, cost: pd.DataFrame, *, model: Any, tokens: int,
+              dense_ppl: Mapping[int, float]) -> Macros:
+    """The sub-layer study's measured numbers for the paper (``Lm...``): the model's shape (``model``: its
+    transformers config), its dense perplexity (seed -> perplexity), the memory a superposition keeps over
+    ``tokens`` scoring tokens (``readout_memory``), mask families, rank agreement (``rank``, and per number
+    removed), the perplexity of the picks against the oracle (perplexity unit), passes, interactions,
+    perplexity after fine-tuning and before (``finetuned``: the summary per method) and the cost of the
+    largest pruning."""
+    per_k, pair_rank, strongest = interactions.per_k, interactions.pair_rank, interactions.strongest
+    memory = readout_memory(tokens, model.n_embd, model.vocab_size, int(records.info.edges.iloc[0]))
+    by_k = records.by_k[records.by_k.protocol == "sublayers"]
+    macros = Macros(LmLayers=model.n_layer, LmHeads=model.n_head, LmWidth=model.n_embd, LmBranches=2 * model.n_layer,
+                    LmLogitsOverState=float(model.vocab_size / model.n_embd),
+                    LmTestPPL=float(np.mean(list(dense_ppl.values()))),
+                    LmStateMiB=float(memory.MiB_per_mask[0]), LmLogitsMiB=float(memory.MiB_per_mask[1]),
+                    LmEdges=int(records.info.edges.iloc[0]), LmPairMaxRatio=float(strongest.ratio.iloc[0]),
+                    LmPairMax=strongest.pair.iloc[0])
+    macros.update(family_macros(records.info, "Lm", {"sublayers": "Branch", "realistic": "Realistic"}))
+    macros.update(ranking_macros(rank, "Lm"))
+    for table, prefix, keys, value, digits in (
+            (summarize(picks, ["method", "removed"], ["gap"]), "LmPplGap", ["method", "removed"], "gap_mean", 2),
+            (summarize(picks, ["method", "removed"], ["ratio"]), "LmPplRatio", ["method", "removed"], "ratio_mean", 3),
+            (summarize(by_k, ["method", "removed"], ["spearman"]), "LmByK", ["method", "removed"], "spearman_mean", 3),
+            (summarize(oracle, ["removed"], ["ppl"]), "LmOraclePpl", ["removed"], "ppl_mean", 1),
+            (summarize(records.regret, ["method"], ["forward"]), "LmForward", ["method"], "forward_mean", 0),
+            (summarize(records.regret, ["method"], ["backward"]), "LmBackward", ["method"], "backward_mean", 0),
+            (per_k, "LmSuperAdditive", ["removed"], "median_ratio", 2),
+            (pair_rank, "LmPairRank", ["method"], "spearman_mean", 3),
+            (finetuned, "LmFt", ["method"], "ppl_mean", 1),
+            (finetuned, "LmZs", ["method"], "ppl_before_mean", 1)):
+        macros.update(macros_from(table, prefix, keys, value, digits=digits))
+    macros.update(cost_macros(cost, "Lm", {"params_rel": "ParamsRatio", "latency_b1_ms_rel": "LatencyOneRatio",
+                                           "tokens_per_s_rel": "ThroughputRatio"}))
+    return macros
+
+
+def head_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame) -> Macros:
+    """The head study's numbers (``LmHead...``): head edges and test masks, rank agreement (``rank``) and the
+    perplexity gap of the picks to the best mask found (``picks``, perplexity unit)."""
+    example = next(iter(records.examples.values()))
+    macros = Macros(LmHeadEdges=sum(re.search(HEAD_EDGES, n) is not None for n in example["edge_names"]),
+                    LmHeadMasks=int(records.info.heads_n_masks.iloc[0]))
+    macros.update(ranking_macros(rank, "LmHeadRank", "LmHeadWithinK", keys=["method"]))
+    macros.update(macros_from(summarize(picks, ["method", "removed"], ["gap"]), "LmHeadGap", ["method", "removed"],
+                              "gap_mean", digits=1))
+    return macros

@@ -20,11 +20,14 @@ if TYPE_CHECKING:
     import pandas as pd
     from .graph import ComputationGraph
 
-__all__ = ["COLUMN", "TEXT", "set_theme", "method_palette", "lines", "scatter_grid", "layered_layout",
-           "draw_graph"]
+__all__ = ["COLUMN", "TEXT", "set_theme", "method_palette", "lines", "scatter_grid", "picks_figure", "heatmap",
+           "against_dense", "layered_layout", "draw_graph"]
 
 COLUMN, TEXT = 2.7, 5.5   # inches: half the text width and the text width of the paper (paper/main.tex)
 FONT = 8                  # points, every text of the theme
+# the methods a figure of picks shows (those that were run): the field's strongest criteria and ours
+PICK_METHODS = ("taylor2", "loo", "block_influence", "sleb", "superposition", "superposition_state",
+                "superposition_pairs")
 
 
 def set_theme() -> None:
@@ -106,6 +109,24 @@ def _legend_columns(names: Sequence[str], width: float) -> int:
     return max(1, min(len(names), 5, int(width // per_column)))
 
 
+def picks_figure(picks: "pd.DataFrame", oracle: "pd.DataFrame", unit: str, *, xlabel: str,
+                 methods: Sequence[str] = PICK_METHODS, reference_label: str = "exhaustive oracle", height: float = 2.4,
+                 integer: bool = False):
+    """The quality of each method's pick against the number of edges removed, with the best mask found as a
+    dashed reference (``surrogate.report.picks_against_oracle``: unit "accuracy" or "perplexity", on a log
+    scale); ``methods`` that made no pick are left out; ``integer``: whole numbers on the x axis."""
+    from matplotlib.ticker import MaxNLocator
+    y, ylabel, logy = {"accuracy": ("accuracy", "test accuracy (%)", None),
+                       "perplexity": ("ppl", "test perplexity", "log")}[unit]
+    from .report import ordered
+    shown = ordered([m for m in methods if m in set(picks.method)])
+    fig = lines(picks, "removed", y, shown, reference=oracle, reference_label=reference_label, xlabel=xlabel,
+                ylabel=ylabel, width=COLUMN, height=height, logy=logy)
+    if integer:
+        fig.axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
+
+
 def scatter_grid(predictions: Mapping[str, np.ndarray], truth: np.ndarray, methods: Sequence[str], *,
                  rho: Mapping[str, float] | None = None, width: float = TEXT, height: float = 1.7,
                  ylabel: str = "true loss", labels: Callable[[str], str] | None = None, max_panels: int = 8):
@@ -126,6 +147,37 @@ def scatter_grid(predictions: Mapping[str, np.ndarray], truth: np.ndarray, metho
         ax.locator_params(nbins=4)
     axes[0, 0].set_ylabel(ylabel)
     fig.tight_layout()
+    return fig
+
+
+def heatmap(values: np.ndarray, *, xlabel: str, ylabel: str, title: str, label: str, width: float = COLUMN,
+            annotate: bool | None = None):
+    """A (rows, columns) array as a heatmap with a colour bar named ``label``; cells annotated when there are
+    at most 12 columns (unless ``annotate`` says otherwise). Returns the figure."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    rows, columns = np.shape(values)
+    fig, ax = plt.subplots(figsize=(width, 0.4 + 0.3 * rows))
+    sns.heatmap(values, ax=ax, cmap="viridis", annot=columns <= 12 if annotate is None else annotate, fmt=".2g",
+                cbar_kws={"label": label})
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    return fig
+
+
+def against_dense(cost: "pd.DataFrame", x: str, series: Mapping[str, str], *, xlabel: str, ylabel: str,
+                  width: float = COLUMN, height: float = 2.2):
+    """Columns of a cost table (``surrogate.profile.pruned_costs``: one row per pruned network, ``*_rel``
+    columns relative to the dense network) against column ``x``, one line per ``series`` (column -> legend
+    label), with the proportional diagonal. Returns the figure."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    long = cost.melt(id_vars=["removed", x], value_vars=list(series), var_name="series", value_name="value")
+    long["series"] = long.series.map(series)
+    fig, ax = plt.subplots(figsize=(width, height))
+    sns.lineplot(long, x=x, y="value", hue="series", style="series", markers=True, ax=ax)
+    ax.plot([0.3, 1], [0.3, 1], color="k", lw=0.6, ls=":", label="proportional")
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.legend(frameon=False)
     return fig
 
 

@@ -1,4 +1,5 @@
-"""Cost of a model: parameters, multiply-accumulates and measured CPU latency."""
+"""Cost of a model: parameters, multiply-accumulates and measured CPU latency; the cost of a network's pruned
+versions as a table (``pruned_costs``)."""
 from __future__ import annotations
 
 import os
@@ -6,13 +7,19 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["Cost", "count_params", "count_macs", "measure_latency", "measure_cost", "machine"]
+from .gating import prune
+from .graph import ComputationGraph
+from .train import cached_result
+
+__all__ = ["Cost", "count_params", "count_macs", "measure_latency", "measure_cost", "machine", "pruned_costs"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +83,30 @@ def machine(device: str | torch.device = "cpu") -> dict[str, Any]:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_model()
     return {"device": str(dev), "name": name, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__}
+
+
+def pruned_costs(graph: ComputationGraph, masks: Mapping[int, str], measure: Callable[..., dict[str, float]],
+                 inputs: Sequence[torch.Tensor], *, key: tuple, details: Mapping[str, Any] | None = None,
+                 kind: str = "cost", cache_dir: str | os.PathLike[str] | None = None) -> pd.DataFrame:
+    """The cost of ``graph``'s model pruned with each mask ({edges removed: mask text}, the dense network at 0
+    removed): one row per mask with "removed", the values of ``measure(pruned model, *inputs)`` (a dict, e.g.
+    params, MACs, latencies) and, for each of them, ``<name>_rel``: the value over the dense network's.
+
+    Models are pruned physically and timed on the CPU (what the paper reports). Timings depend on the
+    machine's load and threads, so the values are measured once per machine: the cache key is ``key`` (the
+    configs that determine the network), the masks and ``machine("cpu")``, then ``details``; a warm rerun
+    reproduces every number."""
+    if 0 not in masks:
+        raise ValueError("masks need the dense network (0 edges removed): ratios are taken against it")
+
+    @torch.no_grad()
+    def run() -> list[dict[str, Any]]:
+        return [{"removed": removed, **measure(prune(graph, np.array([float(c) for c in mask])).cpu(), *inputs)}
+                for removed, mask in masks.items()]
+
+    rows = cached_result((*key, {"masks": list(masks.values()), "machine": machine("cpu")}, dict(details or {})),
+                         run, cache_dir, kind=kind)
+    cost = pd.DataFrame(rows).sort_values("removed", ignore_index=True)
+    for c in [c for c in cost.columns if c != "removed"]:
+        cost[f"{c}_rel"] = cost[c] / cost[c].iloc[0]
+    return cost

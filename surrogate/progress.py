@@ -16,12 +16,17 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator
 
-__all__ = ["PROGRESS_SECONDS", "Ticker", "reporting"]
+__all__ = ["PROGRESS_SECONDS", "Ticker", "reporting", "say"]
 
 PROGRESS_SECONDS = 300.0  # a long phase reports this often
 
 Log = Callable[[str], None]
 _SINK: ContextVar[Log | None] = ContextVar("surrogate_progress_log", default=None)
+
+
+def say(line: str) -> None:
+    """Print a progress line at once (flushed): the default log of a study's long steps."""
+    print(line, flush=True)
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""From experiment records to the paper's tables: summaries over models, wide tables, paired tests.
+"""From experiment records to the paper's tables: summaries over models, wide tables, paired tests, the ranking
+table, picks against the oracle, and macros from any of them.
 
 Every helper takes the grouping column as an argument (the synthetic study groups by graph size, the ResNet
 study by budget, the GPT-2 study by unit type) and returns numbers; formatting is the LaTeX writer's job
@@ -7,7 +8,7 @@ Method order, labels and which methods are ours come from the registry (``surrog
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,12 @@ from .methods import METHODS, label, method_names
 from .metrics import paired_test
 from .paper import fmt, format_mean_std, macro_name
 
-__all__ = ["summarize", "wide_table", "paired_comparison", "macros_from", "ordered", "ours", "baselines"]
+__all__ = ["summarize", "wide_table", "paired_comparison", "paired_tests", "paired_table", "macros_from",
+           "macros_of", "ordered", "ours", "baselines", "predicting", "ranking", "ranking_table", "ranking_macros",
+           "family_macros", "cost_macros", "picks_against_oracle", "by_budget", "spearman_of"]
+
+RANKING = ("spearman", "spearman_within_k", "kendall", "top10")  # rank agreement with the truth
+PASSES = ("forward", "backward")                                   # a method's cost over the scoring subset
 
 
 def ordered(names: Sequence[str]) -> list[str]:
@@ -31,6 +37,11 @@ def ours(names: Sequence[str] | None = None) -> list[str]:
 
 def baselines(names: Sequence[str] | None = None) -> list[str]:
     return [n for n in ordered(names if names is not None else list(METHODS)) if n in METHODS and not METHODS[n].ours]
+
+
+def predicting(names: Sequence[str]) -> list[str]:
+    """The methods among ``names`` whose predictions rank masks (not search methods), in registry order."""
+    return [m for m in ordered(names) if m in METHODS and METHODS[m].predicts]
 
 
 def summarize(df: pd.DataFrame, by: Sequence[str], metrics: Sequence[str]) -> pd.DataFrame:
@@ -69,6 +80,61 @@ def wide_table(summary: pd.DataFrame, metric: str, methods: Sequence[str], colum
     return pd.DataFrame(rows)
 
 
+def ranking(protocols: pd.DataFrame, passes: bool = True) -> pd.DataFrame:
+    """Rank agreement with the truth per mask family and method over the networks (``summarize`` of
+    ``RANKING``, and the methods' passes over the scoring subset if ``passes``)."""
+    return summarize(protocols, ["protocol", "method"], [*RANKING, *(PASSES if passes else ())])
+
+
+def ranking_table(rank: pd.DataFrame, families: Sequence[str], methods: Sequence[str]) -> pd.DataFrame:
+    """The paper's ranking table from ``ranking(...)``: methods as rows; per mask family the Spearman
+    correlation over all its masks and within each number removed ("mean +- std" LaTeX, best in bold); then
+    the passes each method costs (forward+backward, from the first family)."""
+    parts = []
+    for family in families:
+        sub = rank[rank.protocol == family]
+        for metric, what in (("spearman", "all"), ("spearman_within_k", "within k")):
+            head = f"{family}: {what}"
+            parts.append(wide_table(sub, metric, methods, "protocol", [family], header=lambda _, h=head: h)
+                         .set_index("Method"))
+    table = pd.concat(parts, axis=1).reset_index()
+    passes = rank[rank.protocol == families[0]].set_index("method")
+    table["Passes"] = [f"{int(passes.forward_mean[m])}+{int(passes.backward_mean[m])}" for m in methods]
+    return table
+
+
+def picks_against_oracle(regret: pd.DataFrame, unit: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each method's pick under each budget (``regret`` records) in the unit a reader expects, and the best
+    mask found at each budget and network (the oracle) in the same unit: (picks, oracle).
+
+    unit "accuracy": "accuracy" in percent, "gap" in points below the most accurate mask found;
+    "perplexity": "ppl", "gap" above the best mask's perplexity and "ratio" (pick / best)."""
+    if unit == "accuracy":
+        picks = regret.assign(accuracy=100 * regret.chosen_accuracy,
+                              gap=100 * (regret.best_accuracy - regret.chosen_accuracy))
+        best = {"accuracy": lambda d: 100 * d.best_accuracy}
+    elif unit == "perplexity":
+        picks = regret.assign(ppl=np.exp(regret.chosen_loss), gap=np.exp(regret.chosen_loss) - np.exp(regret.best_loss),
+                              ratio=np.exp(regret.chosen_loss - regret.best_loss))
+        best = {"ppl": lambda d: np.exp(d.best_loss)}
+    else:
+        raise ValueError(f"unknown unit {unit!r}; use 'accuracy' (classification) or 'perplexity' (language models)")
+    return picks, picks.drop_duplicates(["seed", "removed"]).assign(**best)
+
+
+def by_budget(picks: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Mean ``value`` of each method's picks (rows, registry order) per number of edges removed (columns)."""
+    return picks.pivot_table(index="method", columns="removed", values=value).loc[ordered(sorted(set(picks.method)))]
+
+
+def spearman_of(protocols: pd.DataFrame, family: str, **network: Any) -> pd.Series:
+    """Method -> Spearman correlation on mask family ``family`` of one network (its key columns, e.g. seed=0)."""
+    rows = protocols[protocols.protocol == family]
+    for column, value in network.items():
+        rows = rows[rows[column] == value]
+    return rows.set_index("method").spearman
+
+
 def paired_comparison(df: pd.DataFrame, metric: str, group: str, *, pair_on: str = "seed",
                       ours_methods: Sequence[str] | None = None, baseline_methods: Sequence[str] | None = None,
                       higher_is_better: bool = True) -> pd.DataFrame:
@@ -104,6 +170,22 @@ def paired_comparison(df: pd.DataFrame, metric: str, group: str, *, pair_on: str
     return pd.DataFrame(rows)
 
 
+def paired_tests(df: pd.DataFrame, protocols: Sequence[str], metrics: Sequence[str], group: str) -> pd.DataFrame:
+    """``paired_comparison`` per mask family and metric, as one table led by "protocol" and "metric"."""
+    tests = pd.concat([paired_comparison(df[df.protocol == p], metric, group).assign(protocol=p, metric=metric)
+                       for p in protocols for metric in metrics], ignore_index=True)
+    return tests[["protocol", "metric", *tests.columns[:-2]]]
+
+
+def paired_table(tests: pd.DataFrame, group: str, name: Callable[[object], str] = str) -> pd.DataFrame:
+    """``paired_tests`` as the paper prints them: method labels, the two means, wins out of the networks
+    compared and the Wilcoxon p-value; the ``group`` column (capitalised header) named by ``name``."""
+    return pd.DataFrame({"Protocol": tests.protocol, "Metric": tests.metric, group.capitalize(): tests[group].map(name),
+                         "Ours": tests.ours.map(label), "Mean": tests.ours_mean, "Baseline": tests.baseline.map(label),
+                         "Mean ": tests.baseline_mean, "Wins": [f"{w}/{n}" for w, n in zip(tests.wins, tests.n)],
+                         "Wilcoxon p": tests.wilcoxon_p})
+
+
 def macros_from(df: pd.DataFrame, prefix: str, keys: Sequence[str], value: str, *, digits: int = 3,
                 names: dict[str, Callable[[object], object]] | None = None, scale: float = 1.0) -> dict[str, object]:
     """One macro per row of ``df``: name = ``macro_name(prefix, *row[keys])`` (each key's value passed
@@ -118,3 +200,40 @@ def macros_from(df: pd.DataFrame, prefix: str, keys: Sequence[str], value: str, 
             raise KeyError(f"rows {keys} give the macro name {name!r} twice; add a key that tells them apart")
         out[name] = fmt(float(cols[value][i]) * scale, digits)
     return out
+
+
+def macros_of(df: pd.DataFrame, keys: Sequence[str], values: dict[str, str | tuple[str, int]], *,
+              names: dict[str, Callable[[object], object]] | None = None) -> dict[str, object]:
+    """``macros_from`` for several value columns of one table: ``values`` maps a column to its macro prefix,
+    or to (prefix, digits) (default 3 digits)."""
+    out: dict[str, object] = {}
+    for value, spec in values.items():
+        prefix, digits = (spec, 3) if isinstance(spec, str) else spec
+        out.update(macros_from(df, prefix, keys, value, digits=digits, names=names))
+    return out
+
+
+def ranking_macros(rank: pd.DataFrame, prefix: str, within_prefix: str | None = None,
+                   keys: Sequence[str] = ("protocol", "method")) -> dict[str, object]:
+    """The mean Spearman correlation of every row of ``ranking(...)`` (``<prefix><keys...>``) and within each
+    number removed (``<within_prefix><keys...>``, default ``<prefix>WithinK``)."""
+    return macros_of(rank, list(keys), {"spearman_mean": prefix,
+                                        "spearman_within_k_mean": within_prefix or prefix + "WithinK"})
+
+
+def family_macros(info: pd.DataFrame, prefix: str, families: Mapping[str, str]) -> dict[str, object]:
+    """Per mask family (name -> its word in macro names): the number of test masks of the first network
+    (``<prefix><word>Masks``) and the mean noise ceiling of the truth (``<prefix>Ceiling<family>``)."""
+    out: dict[str, object] = {}
+    for family, word in families.items():
+        out[macro_name(prefix, word, "Masks")] = int(info[f"{family}_n_masks"].iloc[0])
+        out[macro_name(prefix, "Ceiling", family)] = float(info[f"ceiling_{family}"].mean())
+    return out
+
+
+def cost_macros(cost: pd.DataFrame, prefix: str, ratios: Mapping[str, str]) -> dict[str, object]:
+    """The largest pruning of a cost table (``surrogate.profile.pruned_costs``): edges removed
+    (``<prefix>CostRemoved``) and each column of ``ratios`` (column -> name) relative to the dense network."""
+    last = cost.iloc[-1]
+    return {macro_name(prefix, "CostRemoved"): int(last.removed),
+            **{macro_name(prefix, name): float(last[column]) for column, name in ratios.items()}}

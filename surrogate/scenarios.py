@@ -4,6 +4,10 @@ and pruned networks transferred to another task (a fresh output layer, then the 
     recs = finetune_masks(graph, {"ours": mask_a, "taylor2": mask_b}, train, test, Task("classification"),
                           FinetuneConfig(steps=300), key={"seed": 0})
 
+For a study: ``finetune_picks`` fine-tunes the methods' and the oracle's picks that the protocol
+(``surrogate.studies``) made on each network; ``transfer_picks`` makes the picks on a source network from
+importance measured on the source task and on the target task (through a linear probe) and transfers them.
+
 Every mask is pruned physically (``surrogate.gating.prune``), so a fine-tuned network is exactly the small
 one a user would deploy. Each record is cached (``surrogate.train.cached_result``) by the mask, the
 fine-tuning config, a fingerprint of the weights and of the data, and the caller's ``key``.
@@ -12,11 +16,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 
@@ -25,11 +31,14 @@ from .gating import GatedModel, prune
 from .graph import ComputationGraph, build_graph
 from .masks import mask_text
 from .methods import Context, fit_method, measure_design
+from .progress import say
 from .pruning import Budget, select_mask
 from .tasks import check_data
+from .studies import Records
 from .train import _evaluate, cached_result, finetune, set_seed
 
-__all__ = ["FinetuneConfig", "finetune_masks", "linear_probe", "method_picks", "mask_text"]
+__all__ = ["FinetuneConfig", "finetune_masks", "finetune_picks", "linear_probe", "method_picks", "transfer_picks",
+           "mask_text"]
 
 
 @dataclass(frozen=True)
@@ -167,3 +176,85 @@ def linear_probe(model: nn.Module, train: Subset, config: FinetuneConfig = Finet
     for p in probe.parameters():
         p.requires_grad_(True)
     return probe.eval()
+
+
+def _picks_of(regret: pd.DataFrame, methods: Sequence[str], budgets: Sequence[int], oracle: str,
+              num_prunable: int) -> dict[tuple[str, int], Any]:
+    """{(method, budget): mask}: the dense network ("dense", 0), then per budget each method's pick and the
+    oracle's mask (column ``oracle`` of the records)."""
+    picks: dict[tuple[str, int], Any] = {("dense", 0): np.ones(num_prunable)}
+    for b in budgets:
+        rb = regret[regret.removed == b].set_index("method")
+        missing = [m for m in methods if m not in rb.index]
+        if not len(rb) or missing:
+            raise ValueError(f"no pick of {missing or list(methods)} at {b} edges removed in the protocol's "
+                             f"records; fine-tune methods the protocol ran ({sorted(set(regret.method))}) at "
+                             f"its budgets ({sorted(set(regret.removed))})")
+        picks |= {(m, b): rb["mask"][m] for m in methods} | {("oracle", b): rb[oracle].iloc[0]}
+    return picks
+
+
+def _in_unit(rec: dict[str, Any], unit: str) -> dict[str, Any]:
+    """A fine-tuning record with its quality in ``unit``: "accuracy" in percent (replacing the fractions),
+    or "perplexity" added (ppl_before, ppl) from the losses."""
+    if unit == "accuracy":
+        return {**rec, "accuracy": 100 * rec["accuracy"], "accuracy_before": 100 * rec["accuracy_before"]}
+    if unit == "perplexity":
+        return {**rec, "ppl_before": math.exp(rec["loss_before"]), "ppl": math.exp(rec["loss"])}
+    raise ValueError(f"unknown unit {unit!r}; use 'accuracy' (classification) or 'perplexity' (language models)")
+
+
+def finetune_picks(records: Records, nets: Mapping[int, nn.Module | ComputationGraph], example: torch.Tensor | None,
+                   methods: Sequence[str], budgets: Sequence[int], train: Subset, test: Subset, task: Task,
+                   config: FinetuneConfig = FinetuneConfig(), *, unit: str = "accuracy", oracle: str = "best_mask",
+                   augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                   device: str = "cpu", cache_dir: str | None = None,
+                   log: Callable[[str], None] | None = say) -> pd.DataFrame:
+    """Scenario 2 on a study's networks: on each network (seed -> model, its graph traced on ``example``
+    inputs; or seed -> its graph), the dense network, each of ``methods``' picks at each budget (edges
+    removed) and the oracle's mask (``oracle``: the records' "best_mask" or "best_accuracy_mask") are pruned,
+    fine-tuned on ``train`` and measured on ``test`` (``finetune_masks``, cached). One row per network x
+    pick: the fine-tuning record in ``unit`` (see ``_in_unit``) with "method" ("dense", a method, "oracle")
+    and "budget" (0: dense)."""
+    rows = []
+    for s, net in nets.items():
+        graph = net if isinstance(net, ComputationGraph) else build_graph(net, example)
+        if graph.edge_names != records.examples[s]["edge_names"]:
+            raise ValueError(f"network {s}'s graph traced on these example inputs differs from the protocol's; "
+                             "trace it as the protocol did (its config.graph)")
+        picks = _picks_of(records.regret[records.regret.seed == s], methods, budgets, oracle, graph.num_prunable)
+        labels = {k: k[0] if k[0] == "dense" or len(budgets) == 1 else f"{k[0]}@{k[1]}" for k in picks}
+        recs = finetune_masks(graph, {labels[k]: v for k, v in picks.items()}, train, test, task, config,
+                              augment=augment, device=device, key={"seed": s}, cache_dir=cache_dir, log=log)
+        rows += [{**_in_unit(rec, unit), "method": m, "budget": b} for (m, b), rec in zip(picks, recs)]
+    return pd.DataFrame(rows)
+
+
+def transfer_picks(source: nn.Module, source_scoring: Subset, target: Mapping[str, Subset], task: Task,
+                   methods: Sequence[str], budget: int, config: FinetuneConfig = FinetuneConfig(), *,
+                   probe_key: tuple, probe_kind: str = "probe", allowed: str | None = None, seed: int = 0,
+                   head: str = "fc", augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                   device: str = "cpu", cache_dir: str | None = None,
+                   log: Callable[[str], None] | None = say) -> pd.DataFrame:
+    """Scenario 3: each method's pick of ``budget`` edges (among those matching ``allowed``) on the
+    ``source`` network, from importance estimated on the source task (``source_scoring``) and on the target
+    task (``target["scoring"]``, read out by a ``linear_probe`` trained on ``target["train"]``, cached under
+    ``probe_key`` in the folder ``probe_kind``); the dense source network and every pick get a fresh head
+    (``head``, one output per target class) and are fine-tuned on ``target["train"]``, measured on
+    ``target["test"]``. One row per pick:
+    the fine-tuning record with "method" and "importance_on" ("source", "target"; "-" for the dense network),
+    accuracy in percent."""
+    classes = int(target["train"].targets.max()) + 1
+    probe = cached_result(probe_key, lambda: linear_probe(source, target["train"], config, head=head), cache_dir,
+                          kind=probe_kind)
+    graph = build_graph(source, source_scoring.inputs[:2])
+    picks: dict[str, Any] = {"dense": np.ones(graph.num_prunable)}
+    for where, model, scoring in (("source", source, source_scoring), ("target", probe, target["scoring"])):
+        found = method_picks(model, scoring, task, methods, [budget], allowed=allowed, seed=seed)
+        picks |= {f"{m}|{where}": mask for (m, _), mask in found.items()}
+    test = Subset("target test", target["test"].inputs, target["test"].targets)
+    recs = finetune_masks(graph, picks, target["train"], test, task, config, augment=augment, head=head,
+                          num_outputs=classes, device=device, key={"transfer": seed}, cache_dir=cache_dir, log=log)
+    return pd.DataFrame([{**r, "method": r["label"].split("|")[0],
+                          "importance_on": r["label"].split("|")[1] if "|" in r["label"] else "-",
+                          "accuracy": 100 * r["accuracy"]} for r in recs]).drop(columns=["label"])

@@ -7,6 +7,9 @@ For every graph: train the network (cached), then ``run_experiment`` on it with 
 - "realistic": test masks remove few edges (a fraction in ``realistic``) and keep the network connected.
 Budgeted pruning follows the prior protocol's unconstrained search (picks and optimum may be disconnected
 networks), and sample efficiency refits the ``k_methods`` with extra masks of each protocol.
+
+Its tables (per graph size, against the noise ceiling of the truth: ``size_tables``), the over-training
+comparison (``overtraining``) and its numbers for the paper (``synthetic_macros``) are here too.
 """
 from __future__ import annotations
 
@@ -22,12 +25,22 @@ from .data import TeacherTaskConfig, make_teacher_task
 from .evaluate import Subset, Task
 from .experiment import ExperimentConfig, GraphOptions, MaskFamily, run_experiment
 from .models import Block, RandomGraphConfig, RandomGraphNet
+from .paper import Macros, macro_name
 from . import progress as _progress_settings  # PROGRESS_SECONDS read when a study runs
+from .report import macros_from, summarize, wide_table
+from .studies import Records, collect
 from .train import TrainConfig, cached_model, cached_result, train
 
-__all__ = ["StudyConfig", "run_graph", "run_study", "PROTOCOLS", "study_network"]
+__all__ = ["StudyConfig", "run_graph", "run_study", "PROTOCOLS", "SIZE_METRICS", "study_network", "size_bucket",
+           "size_word", "size_tables", "overtraining", "overtraining_macros", "synthetic_macros", "REGRET_METHODS"]
 
 PROTOCOLS = ("prior", "realistic")
+SIZE_METRICS = ("spearman", "kendall", "top5", "top10", "spearman_connected")
+BUCKETS = {2: "10-15", 5: "20-40", 14: "50-100", 30: "over 100"}  # the prior study's size buckets (edges)
+WORDS = {2: "Tiny", 5: "Small", 14: "Medium", 30: "Large"}         # size names in macro names
+REGRET_METHODS = ("magnitude", "taylor2", "connectivity", "loo", "fcn", "prior_graph", "flow", "graph_flow",
+                  "superposition")                                   # the regret figure and its macros
+MACRO_METHODS = ("connectivity", "taylor2", "loo", "prior_graph", "flow", "graph_flow", "superposition")
 
 
 @dataclass(frozen=True)
@@ -105,9 +118,9 @@ def _run_one(args: tuple) -> dict[str, Any]:
 
 
 def run_study(cfg: StudyConfig, workers: int = 1, cache_dir: str | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """Run every graph of the study; DataFrames "info", "protocols", "by_k", "regret", "efficiency" and
-    per-graph "examples" (predictions on the test masks, importances, a view of the graph)."""
+              progress: bool = True) -> Records:
+    """Run every graph of the study; its records (``surrogate.studies.Records``), the examples keyed by
+    (size, seed): predictions on the test masks, importances, a view of the graph."""
     if workers > 1 and torch.device(cfg.train.device).type != "cpu":
         raise ValueError(f"workers={workers} runs graphs in parallel processes on the CPU; with device="
                          f"{cfg.train.device!r} use workers=1 (one process drives the accelerator)")
@@ -126,10 +139,7 @@ def run_study(cfg: StudyConfig, workers: int = 1, cache_dir: str | None = None,
             results = list(_progress(map(_run_one, jobs), len(jobs), progress))
         finally:
             torch.set_num_threads(threads)
-    frames = {k: pd.DataFrame([r for res in results for r in (res[k] if k != "info" else [res[k]])])
-              for k in ("info", "protocols", "by_k", "regret", "efficiency")}
-    frames["examples"] = {(r["info"]["size"], r["info"]["seed"]): r["example"] for r in results}
-    return frames
+    return collect({(r["info"]["size"], r["info"]["seed"]): r for r in results})
 
 
 def _progress(it, total: int, show: bool):
@@ -143,3 +153,102 @@ def _progress(it, total: int, show: bool):
     for done, item in enumerate(it, 1):
         yield item
         tick(done)
+
+
+def size_bucket(size: int) -> str:
+    """The prior study's name of a graph size (its edges), e.g. 5 -> '20-40'."""
+    return BUCKETS.get(size, f"{size} it.")
+
+
+def size_word(size: int) -> str:
+    """A graph size in macro names, e.g. 5 -> 'Small'."""
+    return WORDS.get(size, macro_name(size))
+
+
+def size_tables(summary: pd.DataFrame, info: pd.DataFrame, sizes: tuple[int, ...],
+                methods: list[str]) -> dict[str, pd.DataFrame]:
+    """The paper's tables of the study (methods x graph sizes, "mean +- std" LaTeX cells) by file name:
+    per protocol the Spearman correlation (with the noise ceiling of the truth as a last row), Kendall's tau
+    and the top-10 overlap; and the prior protocol's Spearman among its connected test masks
+    ("spearman_prior_connected"; connectivity left out: it knows only connectivity)."""
+    def table(sub, metric, ms, **kw):
+        return wide_table(sub, metric, ms, "size", sizes, header=size_bucket, **kw)
+
+    tables = {}
+    for p in PROTOCOLS:
+        sub = summary[summary.protocol == p]
+        ceil = summarize(info.assign(method="ceiling"), ["method", "size"], [f"ceiling_{p}"]).rename(
+            columns=lambda c: c.replace(f"ceiling_{p}", "spearman"))
+        tables[f"spearman_{p}"] = pd.concat(
+            [table(sub, "spearman", methods),
+             table(ceil, "spearman", ["ceiling"], best=None, labels=lambda m: "Noise ceiling of the truth")],
+            ignore_index=True)
+        for metric in ("kendall", "top10"):
+            tables[f"{metric}_{p}"] = table(sub, metric, methods)
+    tables["spearman_prior_connected"] = table(summary[summary.protocol == "prior"], "spearman_connected",
+                                               [m for m in methods if m != "connectivity"])
+    return tables
+
+
+def overtraining(cfg: StudyConfig, size: int, graphs: int, epochs: int, workers: int = 1,
+                 cache_dir: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``graphs`` graphs of ``size`` trained as in ``cfg`` (early-stopped) and trained ``epochs`` epochs with
+    no early stopping (the last kept), through the same protocol (no budgets or extra masks): the mean
+    Spearman per training, protocol and method, and the networks' test accuracy, loss and best epoch per
+    training."""
+    over = replace(cfg, sizes=(size,), graphs_per_size=graphs, budgets=(), extra_k=(),
+                   train=replace(cfg.train, epochs=epochs, patience=None, keep="last"))
+    runs = {"early-stopped": run_study(replace(over, train=cfg.train), workers, cache_dir, progress=False),
+            "over-trained": run_study(over, workers, cache_dir, progress=False)}
+    info = pd.concat([r.info.assign(training=k) for k, r in runs.items()])
+    prot = pd.concat([r.protocols.assign(training=k) for k, r in runs.items()])
+    return (summarize(prot, ["training", "protocol", "method"], ["spearman"]),
+            summarize(info, ["training"], ["test_acc", "test_loss", "best_epoch"]))
+
+
+def overtraining_macros(spearman: pd.DataFrame, networks: pd.DataFrame, epochs: int, graphs: int) -> Macros:
+    """The over-training comparison's numbers (``SynOt...``) from the two tables of ``overtraining``."""
+    tag = {"training": lambda t: "Over" if t == "over-trained" else "Early"}
+    macros = Macros(SynOtEpochs=epochs, SynOtGraphs=graphs)
+    macros.update(macros_from(spearman, "SynOt", ["training", "protocol", "method"], "spearman_mean", names=tag))
+    macros.update(macros_from(networks, "SynOtAcc", ["training"], "test_acc_mean", names=tag))
+    macros.update(macros_from(networks, "SynOtLoss", ["training"], "test_loss_mean", names=tag))
+    macros.update(macros_from(networks, "SynOtBestEpoch", ["training"], "best_epoch_mean", digits=0, names=tag))
+    return macros
+
+
+def synthetic_macros(cfg: StudyConfig, profile: str, info: pd.DataFrame, summary: pd.DataFrame,
+                     efficiency: pd.DataFrame, regret: pd.DataFrame, tests: pd.DataFrame) -> Macros:
+    """The study's numbers for the paper (``Syn...``) from its tables: the networks (``info``), the rank
+    agreement per protocol, method and size (``summary``), sample efficiency and regret summaries, and the
+    paired tests."""
+    macros = Macros(SynGraphsPerSize=cfg.graphs_per_size, SynTestMasks=cfg.n_test_masks, SynScoreN=cfg.task.n_score,
+                    SynEvalN=cfg.task.n_test, SynGraphs=len(info), SynProfile=profile,
+                    SynEffMax=max(cfg.extra_k), SynRegretBudgetPct=int(round(100 * max(cfg.budgets))))
+    key, names = list(MACRO_METHODS), {"size": size_word}
+    t = tests[tests.metric == "spearman"]
+    per_size = info.groupby("size").agg(EdgesMin=("edges", "min"), EdgesMax=("edges", "max"),
+                                        TestAcc=("test_acc", "mean"),
+                                        Connected=("prior_frac_connected", lambda v: 100 * v.mean()),
+                                        CeilingPrior=("ceiling_prior", "mean"),
+                                        CeilingRealistic=("ceiling_realistic", "mean")).reset_index()
+    prior = summary[(summary.protocol == "prior") & summary.method.isin(key[1:])]
+    for df, prefix, keys, value, digits, nm in (
+            (summary[summary.method.isin(key)], "Syn", ["protocol", "method", "size"], "spearman_mean", 3, names),
+            (prior, "SynPriorConn", ["method", "size"], "spearman_connected_mean", 3, names),
+            (efficiency[efficiency.extra == max(cfg.extra_k)], "SynEff", ["protocol", "method", "size"],
+             "spearman_mean", 3, names),
+            (regret[(regret.budget_frac == max(cfg.budgets)) & regret.method.isin(REGRET_METHODS)], "SynRegret",
+             ["method", "size"], "regret_mean", 3, names),
+            (t, "SynPaired", ["protocol", "size"], "wilcoxon_p", 2, {"size": lambda s: "P" + size_word(s)}),
+            (t, "SynPaired", ["protocol", "size"], "wins", 0, {"size": lambda s: "Wins" + size_word(s)}),
+            *((per_size, "Syn" + col, ["size"], col, d, names)
+              for col, d in (("EdgesMin", 0), ("EdgesMax", 0), ("TestAcc", 3), ("Connected", 0),
+                             ("CeilingPrior", 2), ("CeilingRealistic", 2)))):
+        macros.update(macros_from(df, prefix, keys, value, digits=digits, names=nm))
+    ours_regret = regret[regret.method == "superposition"].regret_mean
+    top = tests[tests.metric == "top10"]
+    macros.update(SynRegretSuperpositionWorst=float(ours_regret.max()) if len(ours_regret) else float("nan"),
+                  SynTopTenCells=len(top),  # significant: the cells where ours is higher
+                  SynTopTenSignificant=int(((top.wilcoxon_p < 0.05) & (top.mean_diff > 0)).sum()))
+    return macros

@@ -86,3 +86,72 @@ def test_gpt2_from_scratch_trains_caches_and_has_branch_edges(data_dir, tokenize
     assert sum(".attn." in n for n in branches) == sum(".mlp." in n for n in branches) == cfg.n_layer
     heads = build_graph(model, splits["scoring"].inputs[:2], heads={HEAD_PROJECTIONS: cfg.n_head})
     assert sum("[head " in n for n in heads.edge_names) == cfg.n_layer * cfg.n_head
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the study's glue (notebook 03) on a tiny random GPT-2 and random tokens: no data needed
+
+def test_the_sublayer_and_head_studies_give_the_papers_numbers(tmp_path):
+    import numpy as np
+
+    from surrogate import Subset, Task
+    from surrogate.lm import (head_figure, head_macros, head_protocol, lm_macros, sublayer_interactions,
+                              sublayer_protocol)
+    from surrogate.models import CausalLMLogits
+    from surrogate.profile import pruned_costs
+    from surrogate.report import picks_against_oracle, ranking
+    from surrogate.scenarios import FinetuneConfig, finetune_picks
+    from surrogate.studies import oracle_masks, run_networks
+    from surrogate.lm import cost_of
+
+    net = CausalLMLogits(gpt2_small_random(n_layer=2, n_head=2, n_embd=16, vocab_size=64, n_positions=16, seed=1)).eval()
+    tokens = torch.randint(0, 64, (40, 16), generator=torch.Generator().manual_seed(0))
+    scoring, evaluation, train = (Subset(n, x, x) for n, x in (("s", tokens[:4]), ("e", tokens[4:12]), ("t", tokens[12:])))
+    config = sublayer_protocol(["loo", "taylor2", "superposition_state"], 2, n_realistic=4, budgets=(1, 2))
+    graph = build_graph(net, scoring.inputs[:4])  # traced once (torch.export): a graph serves every step
+    rec = run_networks({0: graph}, scoring, evaluation, Task("lm"), config, key=lambda s: ("lm", s), kind="lm",
+                       cache_dir=tmp_path, log=None)
+    rank, (picks, oracle) = ranking(rec.protocols), picks_against_oracle(rec.regret, "perplexity")
+    inter = sublayer_interactions(rec)
+    assert inter.methods == ["taylor2", "loo", "superposition_state"] and len(inter.pairs) == 6  # C(4, 2) branches
+    assert set(inter.pairs.pair) >= {"L0.attn + L0.mlp", "L0.attn + L1.mlp"}
+    fine = finetune_picks(rec, {0: graph}, None, ["loo"], [1], train, evaluation, Task("lm"),
+                          FinetuneConfig(steps=1, batch_size=4), unit="perplexity", cache_dir=tmp_path, log=None)
+    assert fine.method.tolist() == ["dense", "loo", "oracle"] and np.allclose(fine.ppl, np.exp(fine.loss))
+    fine_sum = fine.groupby("method", as_index=False)[["ppl", "ppl_before"]].mean().rename(
+        columns={"ppl": "ppl_mean", "ppl_before": "ppl_before_mean"})
+    cost = pruned_costs(graph, oracle_masks(rec.regret, 0), cost_of, (evaluation.inputs[:1], evaluation.inputs[:4]),
+                        key=("lm",), cache_dir=tmp_path)
+    assert list(cost.columns) == ["removed", "params", "latency_b1_ms", "tokens_per_s", "params_rel",
+                                  "latency_b1_ms_rel", "tokens_per_s_rel"]
+    m = lm_macros(rec, rank, picks, oracle, inter, fine_sum, cost, model=net.lm.config, tokens=64, dense_ppl={0: 70.0})
+    assert m["LmBranchMasks"] == 16 and m["LmLayers"] == 2 and m["LmBranches"] == 4 and m["LmTestPPL"] == 70.0
+    assert m["LmStateMiB"] == 64 * 16 * 4 / 2**20 and m["LmLogitsOverState"] == 4.0
+    assert m["LmPairMax"] == inter.strongest.pair.iloc[0] and m["LmCostRemoved"] == 2
+    assert {"LmSublayersLoo", "LmWithinKRealisticTaylorTwo", "LmPplGapLooOne", "LmOraclePplTwo", "LmByKLooTwo",
+            "LmForwardLoo", "LmSuperAdditiveThree", "LmPairRankLoo", "LmFtOracle", "LmZsDense"} <= set(m)
+
+    hconfig = head_protocol(config, ["loo", "sleb", "superposition", "superposition_state"], 2, 2, 4, (2,), 4)
+    assert hconfig.methods == ("loo", "superposition_state") and hconfig.families[0].counts == (2,)
+    hrec = run_networks({0: net}, scoring, evaluation, Task("lm"), hconfig, key=lambda s: ("heads", s), kind="lm",
+                        cache_dir=tmp_path, log=None)
+    hm = head_macros(hrec, ranking(hrec.protocols, passes=False), picks_against_oracle(hrec.regret, "perplexity")[0])
+    assert hm["LmHeadEdges"] == 4 and hm["LmHeadMasks"] == hrec.info.heads_n_masks.iloc[0]
+    assert {"LmHeadRankLoo", "LmHeadWithinKSuperpositionState", "LmHeadGapLooTwo"} <= set(hm)
+    fig = head_figure(hrec, hconfig.methods, 2, 2)
+    assert "Superposition" in fig.axes[0].get_title()  # superposition_state preferred over loo
+
+
+def test_study_protocols_check_their_sizes():
+    from surrogate.lm import head_protocol, readout_memory, sublayer_name, sublayer_protocol
+    with pytest.raises(ValueError, match="at most 6 layers"):
+        sublayer_protocol(["loo"], 7, 10, (1,))
+    hconfig = head_protocol(sublayer_protocol(["loo"], 4, 10, (1,)), ["loo", "flow"], 4, 4, 10, (2, 4), 8)
+    assert hconfig.families[0].counts == (2, 3, 4) and hconfig.search_swaps == 4  # 10-30% of 16 heads
+    assert hconfig.graph.heads == {HEAD_PROJECTIONS: 4}
+    assert sublayer_name("lm.transformer.h.3.attn.resid_dropout -> lm.transformer.h.3.add") == "L3.attn"
+    with pytest.raises(ValueError, match="not a sub-layer branch"):
+        sublayer_name("lm.transformer.ln_f -> output")
+    memory = readout_memory(1024, 256, 50257, 16).set_index("space")
+    assert memory.loc["state", "MiB_per_mask"] == 1.0 and memory.loc["logits", "MiB_fit_design"] == pytest.approx(
+        1024 * 50257 * 4 / 2**20 * 18)

@@ -109,3 +109,21 @@ def test_bf16_finetuning_runs_and_old_cache_keys_stay_valid(setup, tmp_path):
     with pytest.raises(ValueError, match="autocast"):
         finetune_masks(graph, {"dense": np.ones(e)}, train, test, Task("classification"),
                        FinetuneConfig(steps=1, autocast="fp8"), cache_dir=tmp_path)
+
+
+def test_transfer_picks_estimate_importance_on_both_tasks_and_transfer(setup, tmp_path):
+    from surrogate.scenarios import transfer_picks
+    graph, train, test = setup
+    relabel = lambda s: Subset(s.name, s.inputs, (s.inputs[:, 2] > 0).long())  # noqa: E731 - a 2-class target task
+    target = {"train": relabel(train), "scoring": relabel(Subset("sc", train.inputs[:32], train.targets[:32])),
+              "test": relabel(test)}
+    cfg = FinetuneConfig(steps=20, lr=1e-2, batch_size=32)
+    lines: list[str] = []
+    rows = transfer_picks(graph.module, Subset("sc", train.inputs[:32], train.targets[:32]), target,
+                          Task("classification"), ["loo", "taylor2"], 1, cfg, probe_key=("tiny",), head="head",
+                          cache_dir=tmp_path, log=lines.append)
+    assert list(zip(rows.method, rows.importance_on)) == [("dense", "-"), ("loo", "source"), ("taylor2", "source"),
+                                                         ("loo", "target"), ("taylor2", "target")]
+    assert (rows.removed == [0, 1, 1, 1, 1]).all() and "label" not in rows.columns
+    assert rows.accuracy.between(0, 100).all() and rows.accuracy.max() > 1  # percent
+    assert len(list((tmp_path / "probe").glob("*.pkl"))) == 1 and lines  # the probe is cached; progress was said
