@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+import re
+
 import numpy as np
 import pandas as pd
 
@@ -19,7 +21,7 @@ from .paper import fmt, format_mean_std, macro_name
 
 __all__ = ["summarize", "wide_table", "paired_comparison", "paired_tests", "paired_table", "macros_from",
            "macros_of", "ordered", "ours", "baselines", "predicting", "ranking", "ranking_table", "ranking_macros",
-           "family_macros", "cost_macros", "picks_against_oracle", "by_budget", "spearman_of"]
+           "family_macros", "cost_macros", "picks_against_oracle", "by_budget", "spearman_of", "readable"]
 
 RANKING = ("spearman", "spearman_within_k", "kendall", "top10")  # rank agreement with the truth
 PASSES = ("forward", "backward")                                   # a method's cost over the scoring subset
@@ -78,6 +80,27 @@ def wide_table(summary: pd.DataFrame, metric: str, methods: Sequence[str], colum
             row[header(v)] = cell
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+_TEXT = ((r"\ensuremath{\infty}", "inf"), (r"\ensuremath{-}", "-"), ("{,}", ","), (r"$\pm$", "±"),
+         (r"$\Delta$", "Δ"))
+
+
+def _text(cell: object) -> object:
+    """One LaTeX cell of a table as plain text; a bold cell (the best of its column) ends with " *"."""
+    if not isinstance(cell, str):
+        return cell
+    bold = re.fullmatch(r"\\textbf\{(.*)\}", cell)
+    text = bold.group(1) if bold else cell
+    for latex, plain in _TEXT:
+        text = text.replace(latex, plain)
+    return text + " *" if bold else text
+
+
+def readable(table: pd.DataFrame) -> pd.DataFrame:
+    """A table of LaTeX cells (``wide_table``, ``ranking_table``) as plain text for a notebook: "0.822 ± 0.013",
+    the best of each column marked " *"; the LaTeX goes to the file (``surrogate.paper.write_table``)."""
+    return table.rename(columns=_text).map(_text)
 
 
 def ranking(protocols: pd.DataFrame, passes: bool = True) -> pd.DataFrame:

@@ -16,7 +16,7 @@ from surrogate.models import ResNetCifar
 from surrogate.paper import fmt
 from surrogate.profile import pruned_costs
 from surrogate.report import (by_budget, cost_macros, family_macros, macros_of, picks_against_oracle, predicting,
-                              ranking, ranking_table, spearman_of, summarize)
+                              ranking, ranking_table, readable, spearman_of, summarize)
 from surrogate.scenarios import FinetuneConfig, finetune_picks
 
 METHODS = ("loo", "taylor2", "sleb", "superposition")
@@ -87,6 +87,11 @@ def test_the_ranking_table_has_one_row_per_predicting_method_and_bolds_each_best
     assert len(table) == 3
     for col in table.columns[1:-1]:
         assert sum(str(c).startswith("\\textbf{") for c in table[col]) >= 1  # the best of each column
+    shown = readable(table)  # what a notebook displays: plain text, the best of each column marked
+    assert not any("\\" in str(c) or "$" in str(c) for c in shown.to_numpy().ravel())
+    for col in table.columns[1:-1]:
+        bold = table[col].str.startswith("\\textbf{")
+        assert (shown[col].str.endswith(" *") == bold).all() and shown[col].str.contains("±").all()
     loo = rank[(rank.protocol == "branches") & (rank.method == "loo")].iloc[0]
     assert table.set_index("Method").loc[label("loo"), "Passes"] == f"{int(loo.forward_mean)}+{int(loo.backward_mean)}"
     rho = spearman_of(rec.protocols, "branches", seed=0)
