@@ -14,6 +14,7 @@ fine-tuning config, a fingerprint of the weights and of the data, and the caller
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -31,10 +32,10 @@ from .gating import GatedModel, prune
 from .graph import ComputationGraph, build_graph
 from .masks import mask_text
 from .methods import Context, fit_method, measure_design
-from .progress import say
+from .progress import Ticker, reporting, say
 from .pruning import Budget, select_mask
-from .tasks import check_data
 from .studies import Records
+from .tasks import check_data
 from .train import _evaluate, cached_result, finetune, set_seed
 
 __all__ = ["FinetuneConfig", "finetune_masks", "finetune_picks", "linear_probe", "method_picks", "transfer_picks",
@@ -130,11 +131,12 @@ def finetune_masks(graph: ComputationGraph, masks: Mapping[str, Any], train: Sub
 
 def method_picks(model: nn.Module | ComputationGraph, scoring: Subset, task: Task, methods: Sequence[str],
                  budgets: Sequence[int], *, allowed: str | None = None, seed: int = 0,
-                 batch_size: int = 256) -> dict[tuple[str, int], np.ndarray]:
+                 batch_size: int = 256, log: Callable[[str], None] | None = None) -> dict[tuple[str, int], np.ndarray]:
     """Each method's pick for each budget (number of edges removed, among the edges whose name matches the
     regex ``allowed``; default all), from the prior design measured once on ``scoring`` -- the experiment
     protocol's fitting and search without its truth (e.g. importance estimated on a source task, to be
-    transferred). Picks keep an input->output path. Returns {(method, budget): mask}."""
+    transferred). Picks keep an input->output path. Returns {(method, budget): mask}. ``log``: a line per
+    method (time so far and left), and the measurements' own progress lines."""
     check_data(scoring, task, model.module if isinstance(model, ComputationGraph) else model)
     graph = model if isinstance(model, ComputationGraph) else build_graph(model, scoring[:2].args(model))
     gated = GatedModel(graph)
@@ -143,14 +145,18 @@ def method_picks(model: nn.Module | ComputationGraph, scoring: Subset, task: Tas
         raise ValueError(f"no prunable edge matches allowed={allowed!r}; edges are e.g. {graph.edge_names[:3]}")
     if max(budgets, default=0) > removable.sum():
         raise ValueError(f"a budget of {max(budgets)} edges exceeds the {int(removable.sum())} removable ones")
-    measured = measure_design(gated, scoring, task, methods, batch_size=batch_size)
-    ctx = Context(graph, gated, scoring, task, measured, seed=seed, batch_size=batch_size,
-                  removable=None if removable.all() else removable, max_removed=max(budgets, default=0))
-    picks = {}
-    for m in methods:
-        pred = fit_method(m, ctx)
-        for b in budgets:
-            picks[(m, b)] = select_mask(pred, graph, Budget(edges=b), allowed=None if removable.all() else removable)
+    tick = Ticker(f"picks on {scoring.name}", len(methods), log)
+    with reporting(log) if log is not None else contextlib.nullcontext():
+        measured = measure_design(gated, scoring, task, methods, batch_size=batch_size)
+        ctx = Context(graph, gated, scoring, task, measured, seed=seed, batch_size=batch_size,
+                      removable=None if removable.all() else removable, max_removed=max(budgets, default=0))
+        picks = {}
+        for i, m in enumerate(methods, 1):
+            pred = fit_method(m, ctx)
+            for b in budgets:
+                picks[(m, b)] = select_mask(pred, graph, Budget(edges=b), allowed=None if removable.all() else removable)
+            if log is not None:
+                log(f"picks on {scoring.name}: {m} ({i}/{len(methods)} methods) {tick.timing(i)}")
     return picks
 
 
@@ -245,13 +251,17 @@ def transfer_picks(source: nn.Module, source_scoring: Subset, target: Mapping[st
     the fine-tuning record with "method" and "importance_on" ("source", "target"; "-" for the dense network),
     accuracy in percent."""
     classes = int(target["train"].targets.max()) + 1
+    note = log if log is not None else (lambda line: None)
+    note(f"transfer: linear probe of the source network on the target task ({config.steps} steps)")
     probe = cached_result(probe_key, lambda: linear_probe(source, target["train"], config, head=head), cache_dir,
                           kind=probe_kind)
     graph = build_graph(source, source_scoring.inputs[:2])
     picks: dict[str, Any] = {"dense": np.ones(graph.num_prunable)}
     for where, model, scoring in (("source", source, source_scoring), ("target", probe, target["scoring"])):
-        found = method_picks(model, scoring, task, methods, [budget], allowed=allowed, seed=seed)
+        note(f"transfer: {len(methods)} methods' picks of {budget} edges from importance on the {where} task")
+        found = method_picks(model, scoring, task, methods, [budget], allowed=allowed, seed=seed, log=log)
         picks |= {f"{m}|{where}": mask for (m, _), mask in found.items()}
+    note(f"transfer: fine-tuning {len(picks)} networks on the target task ({config.steps} steps each)")
     test = Subset("target test", target["test"].inputs, target["test"].targets)
     recs = finetune_masks(graph, picks, target["train"], test, task, config, augment=augment, head=head,
                           num_outputs=classes, device=device, key={"transfer": seed}, cache_dir=cache_dir, log=log)
