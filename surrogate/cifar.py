@@ -164,5 +164,5 @@ def cifar_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, fine
     macros.update(macros_of(finetuned, ["method", "budget"], {"accuracy_mean": ("CifFt", 1),
                                                               "accuracy_before_mean": ("CifZs", 1)}))
     if transfer is not None and len(transfer):
-        macros.update(macros_from(transfer, "CifTr", ["method", "importance_on"], "accuracy", digits=1))
+        macros.update(macros_from(transfer, "CifTr", ["method", "importance_on"], "accuracy_pct", digits=1))
     return macros

@@ -247,9 +247,8 @@ def transfer_picks(source: nn.Module, source_scoring: Subset, target: Mapping[st
     task (``target["scoring"]``, read out by a ``linear_probe`` trained on ``target["train"]``, cached under
     ``probe_key`` in the folder ``probe_kind``); the dense source network and every pick get a fresh head
     (``head``, one output per target class) and are fine-tuned on ``target["train"]``, measured on
-    ``target["test"]``. One row per pick:
-    the fine-tuning record with "method" and "importance_on" ("source", "target"; "-" for the dense network),
-    accuracy in percent."""
+    ``target["test"]``. One row per pick: the fine-tuning record with "method" and "importance_on" ("source",
+    "target"; "-" for the dense network), its accuracies in percent ("accuracy_before_pct", "accuracy_pct")."""
     classes = int(target["train"].targets.max()) + 1
     note = log if log is not None else (lambda line: None)
     note(f"transfer: linear probe of the source network on the target task ({config.steps} steps)")
@@ -265,6 +264,7 @@ def transfer_picks(source: nn.Module, source_scoring: Subset, target: Mapping[st
     test = Subset("target test", target["test"].inputs, target["test"].targets)
     recs = finetune_masks(graph, picks, target["train"], test, task, config, augment=augment, head=head,
                           num_outputs=classes, device=device, key={"transfer": seed}, cache_dir=cache_dir, log=log)
-    return pd.DataFrame([{**r, "method": r["label"].split("|")[0],
-                          "importance_on": r["label"].split("|")[1] if "|" in r["label"] else "-",
-                          "accuracy": 100 * r["accuracy"]} for r in recs]).drop(columns=["label"])
+    rows = pd.DataFrame([{**_in_unit(r, "accuracy"), "method": r["label"].split("|")[0],
+                          "importance_on": r["label"].split("|")[1] if "|" in r["label"] else "-"} for r in recs])
+    return rows.drop(columns=["label"]).rename(columns={"accuracy": "accuracy_pct",
+                                                        "accuracy_before": "accuracy_before_pct"})

@@ -125,7 +125,8 @@ def test_transfer_picks_estimate_importance_on_both_tasks_and_transfer(setup, tm
     assert list(zip(rows.method, rows.importance_on)) == [("dense", "-"), ("loo", "source"), ("taylor2", "source"),
                                                          ("loo", "target"), ("taylor2", "target")]
     assert (rows.removed == [0, 1, 1, 1, 1]).all() and "label" not in rows.columns
-    assert rows.accuracy.between(0, 100).all() and rows.accuracy.max() > 1  # percent
+    for col in ("accuracy_pct", "accuracy_before_pct"):  # one unit, named, in every accuracy column
+        assert rows[col].between(0, 100).all() and rows[col].max() > 1
     assert len(list((tmp_path / "probe").glob("*.pkl"))) == 1  # the probe is cached
     said = "\n".join(lines)  # every phase says what it does, each method's picks how long they took
     assert "transfer: linear probe" in said and "picks on sc: loo (1/2 methods) (" in said

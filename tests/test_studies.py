@@ -159,7 +159,7 @@ def test_the_cifar_macros_come_from_the_tables(study, tmp_path):
                          "accuracy_before_mean": [50.0, 30.0]})
     cost = pd.DataFrame({"removed": [0, 2], "macs_rel": [1.0, 0.8], "latency_b1_ms_rel": [1.0, 0.9],
                          "latency_b256_ms_rel": [1.0, 0.7]})
-    transfer = pd.DataFrame({"method": ["loo", "dense"], "importance_on": ["source", "-"], "accuracy": [60.0, 70.0]})
+    transfer = pd.DataFrame({"method": ["loo", "dense"], "importance_on": ["source", "-"], "accuracy_pct": [60.0, 70.0]})
     m = cifar_macros(rec, rank, picks, fine, cost, transfer)
     assert m["CifBranchMasks"] == 8 and m["CifTestAcc"] == pytest.approx(100 * rec.info.test_acc.mean())
     assert m["CifCostRemoved"] == 2 and m["CifMacsRatio"] == 0.8 and m["CifLatencyBatchRatio"] == 0.7
