@@ -15,6 +15,7 @@ import numpy as np
 
 from .methods import METHODS
 from .methods import label as default_label
+from .report import ordered
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -59,10 +60,12 @@ def lines(df: "pd.DataFrame", x: str, y: str, methods: Sequence[str], *, panel: 
           labels: Callable[[str], str] | None = None, max_panels: int = 8):
     """Mean of ``y`` against ``x`` per method (one row per model in ``df``; error bars: standard error over
     models), one panel per value of ``panel``; ours drawn thicker. ``reference``: rows with ``x``, ``y``
-    (and ``panel``) drawn as a dashed black line (e.g. the oracle). Returns the figure."""
+    (and ``panel``) drawn as a dashed black line (e.g. the oracle). An integer ``x`` (a count) gets whole-number
+    ticks. Returns the figure."""
     import matplotlib.pyplot as plt
+    import pandas as pd
     import seaborn as sns
-    from matplotlib.ticker import LogFormatter
+    from matplotlib.ticker import LogFormatter, MaxNLocator
     labels = labels or default_label
     values = list(panels) if panels is not None else (sorted(df[panel].unique()) if panel else [None])
     if len(values) > max_panels:
@@ -81,15 +84,18 @@ def lines(df: "pd.DataFrame", x: str, y: str, methods: Sequence[str], *, panel: 
                          err_kws={"capsize": 1.5}, lw=2.0 if thick else 1.0, label=labels(m), legend=False)
         if reference is not None:
             r = reference if panel is None else reference[reference[panel] == v]
-            if len(r):
+            if len(r):  # at a single x a line has no length: a wide dash marks the level instead
+                point = {"marker": "_", "markersize": 14, "mec": "black", "mew": 1.2} if r[x].nunique() == 1 else {}
                 sns.lineplot(data=r, x=x, y=y, ax=ax, color="black", ls="--", lw=1.0, errorbar="se",
-                             label=reference_label, legend=False)
+                             label=reference_label, legend=False, **point)
         if logy:
             log_kw = {"linthresh": 0.01} if logy == "symlog" else {}
             ax.set_yscale(logy, **log_kw)
             # plain tick labels (300, 1e-02): mathtext's 3x10^2 prints its exponent at 70% of the font size
             ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False, **log_kw))
             ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4), **log_kw))
+        if pd.api.types.is_integer_dtype(df[x]):  # matplotlib's default steps, whole numbers only, one tick for one x
+            ax.xaxis.set_major_locator(MaxNLocator("auto", steps=[1, 2, 2.5, 5, 10], integer=True, min_n_ticks=1))
         ax.set_title(panel_title(v) if panel else "")
         ax.set_xlabel(xlabel or x)
         ax.set_ylabel(ylabel or y if ax is axes[0, 0] else "")
@@ -110,21 +116,17 @@ def _legend_columns(names: Sequence[str], width: float) -> int:
 
 
 def picks_figure(picks: "pd.DataFrame", oracle: "pd.DataFrame", unit: str, *, xlabel: str,
-                 methods: Sequence[str] = PICK_METHODS, reference_label: str = "exhaustive oracle", height: float = 2.4,
-                 integer: bool = False):
+                 methods: Sequence[str] = PICK_METHODS, reference_label: str = "exhaustive oracle", height: float = 2.4):
     """The quality of each method's pick against the number of edges removed, with the best mask found as a
     dashed reference (``surrogate.report.picks_against_oracle``: unit "accuracy" or "perplexity", on a log
-    scale); ``methods`` that made no pick are left out; ``integer``: whole numbers on the x axis."""
-    from matplotlib.ticker import MaxNLocator
-    y, ylabel, logy = {"accuracy": ("accuracy", "test accuracy (%)", None),
-                       "perplexity": ("ppl", "test perplexity", "log")}[unit]
-    from .report import ordered
+    scale); ``methods`` that made no pick are left out."""
+    units = {"accuracy": ("accuracy", "test accuracy (%)", None), "perplexity": ("ppl", "test perplexity", "log")}
+    if unit not in units:
+        raise ValueError(f"unknown unit {unit!r}; use one of {sorted(units)} (as in picks_against_oracle)")
+    y, ylabel, logy = units[unit]
     shown = ordered([m for m in methods if m in set(picks.method)])
-    fig = lines(picks, "removed", y, shown, reference=oracle, reference_label=reference_label, xlabel=xlabel,
-                ylabel=ylabel, width=COLUMN, height=height, logy=logy)
-    if integer:
-        fig.axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
-    return fig
+    return lines(picks, "removed", y, shown, reference=oracle, reference_label=reference_label, xlabel=xlabel,
+                 ylabel=ylabel, width=COLUMN, height=height, logy=logy)
 
 
 def scatter_grid(predictions: Mapping[str, np.ndarray], truth: np.ndarray, methods: Sequence[str], *,

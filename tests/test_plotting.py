@@ -1,5 +1,6 @@
 """The figure theme prints readably: the study figures, drawn as the notebooks draw them and included at the width
-they were drawn for (``TEXT`` or ``COLUMN``), show no text below 7 pt."""
+they were drawn for (``TEXT`` or ``COLUMN``), show no text below 7 pt. Counts get whole-number ticks (one tick for
+one budget), a reference at a single budget stays visible, picks are drawn only for methods that made them."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -10,7 +11,8 @@ import pytest  # noqa: E402
 from pdf_fonts import page_width, text_sizes  # noqa: E402
 from surrogate.methods import METHODS  # noqa: E402
 from surrogate.paper import save_figure  # noqa: E402
-from surrogate.plotting import COLUMN, FONT, TEXT, lines, scatter_grid, set_theme  # noqa: E402
+from surrogate.plotting import (COLUMN, FONT, TEXT, against_dense, heatmap, lines, picks_figure, scatter_grid,  # noqa: E402
+                                set_theme)
 
 MIN_PT = 7.0
 LONGEST = sorted(METHODS, key=lambda m: -len(METHODS[m].label))  # the widest legends the registry can make
@@ -68,3 +70,51 @@ def test_theme_has_one_text_size():
     import matplotlib as mpl
     keys = ["font.size", "axes.titlesize", "axes.labelsize", "xtick.labelsize", "ytick.labelsize", "legend.fontsize"]
     assert {mpl.rcParams[k] for k in keys} == {FONT} and FONT >= MIN_PT
+
+
+def _picks(removed: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows = [{"seed": s, "removed": r, "method": m, "ppl": 300.0 + 10 * r + 5 * i + s}
+            for s in (0, 1) for r in removed for i, m in enumerate(("loo", "taylor2", "superposition_pairs"))]
+    picks = pd.DataFrame(rows)
+    return picks, picks.drop_duplicates(["seed", "removed"]).assign(ppl=250.0)
+
+
+def _ticks(ax) -> list[float]:
+    lo, hi = ax.get_xlim()
+    return [t for t in ax.get_xticks() if lo <= t <= hi]
+
+
+def test_counts_get_whole_number_ticks():
+    picks, oracle = _picks([1, 2, 3])
+    fig = picks_figure(picks, oracle, "perplexity", xlabel="edges removed")
+    assert _ticks(fig.axes[0]) == [1, 2, 3] and fig.axes[0].get_yscale() == "log"
+    frac = picks.assign(pct=picks.removed / 4)
+    assert any(t % 1 for t in _ticks(lines(frac, "pct", "ppl", ["loo"]).axes[0]))  # not a count: any ticks
+
+
+def test_one_budget_gets_one_tick_and_a_visible_reference():
+    picks, oracle = _picks([2])
+    fig = picks_figure(picks, oracle, "perplexity", xlabel="heads removed", reference_label="best found")
+    ax = fig.axes[0]
+    assert _ticks(ax) == [2]
+    reference = [line for line in ax.get_lines() if line.get_label() == "best found"]
+    assert reference and reference[0].get_marker() == "_"  # a point of a line would not show
+
+
+def test_picks_figure_draws_the_methods_that_made_picks_in_registry_order():
+    picks, oracle = _picks([1, 2])
+    fig = picks_figure(picks, oracle, "perplexity", xlabel="x", methods=("superposition_pairs", "sleb", "loo"))
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(labels) == 3 and labels[-1] == "exhaustive oracle"  # sleb made no pick: left out
+    with pytest.raises(ValueError, match="unknown unit"):
+        picks_figure(picks, oracle, "bits", xlabel="x")
+
+
+def test_heatmap_and_cost_curves():
+    fig = heatmap(np.arange(6.0).reshape(2, 3), xlabel="head", ylabel="layer", title="t", label="loss")
+    assert fig.axes[0].get_xlabel() == "head" and len(fig.axes) == 2  # the map and its colour bar
+    cost = pd.DataFrame({"removed": [0, 1, 2], "macs_rel": [1.0, 0.8, 0.6], "a_rel": [1.0, 0.9, 0.7],
+                         "b_rel": [1.0, 0.85, 0.65]})
+    fig = against_dense(cost, "macs_rel", {"a_rel": "batch 1", "b_rel": "batch 8"}, xlabel="MACs", ylabel="latency")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["batch 1", "batch 8", "proportional"]
