@@ -231,3 +231,12 @@ def test_the_index_names_the_notebook_and_cell_of_every_macro_and_figure(tmp_pat
     fast = pd.read_csv(root / "build" / "fast" / "generated" / "INDEX.csv", dtype=str, keep_default_na=False)
     assert set(fast.file) == {"build/fast/generated/01_a_macros.tex", "build/fast/figures/01_a.pdf"}
     assert set(fast.notebook) == {"notebooks/01_a.ipynb"}
+
+
+@pytest.mark.parametrize("nb_path", sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.stem)
+def test_every_notebook_is_thin(nb_path):
+    """Parameters, one call per study step, a line per figure or table: the studies' logic lives in the package."""
+    cells = nbformat.read(nb_path, as_version=4).cells
+    code = [line.strip() for c in cells if c.cell_type == "code" for line in c.source.splitlines()]
+    lines = [line for line in code if line and not line.startswith("#")]
+    assert len(lines) <= 100, f"{nb_path.name} has {len(lines)} code lines; move logic into the package"
