@@ -118,16 +118,17 @@ class BenchResult:
 
 def run_bench(model: nn.Module | ComputationGraph, scoring: Subset, evaluation: Subset, task: Task,
               config: BenchConfig, *, seed: int = 0, truth: LossOracle | None = None,
-              log: Callable[[str], None] | None = None) -> BenchResult:
+              oracle: LossOracle | None = None, log: Callable[[str], None] | None = None) -> BenchResult:
     """The benchmark on one network (module docstring). ``truth``: an oracle on ``evaluation`` to reuse (e.g.
-    preloaded from a truth table: ``load_truth``); its measurements grow as picks are scored."""
+    preloaded from a truth table: ``load_truth``); its measurements grow as picks are scored. ``oracle``: the
+    same on ``scoring`` (preloaded losses save wall time only: every method is still charged each pass)."""
     say = log or (lambda msg: None)
     graph = model if isinstance(model, ComputationGraph) else build_graph(model, scoring[:4].args(model))
     gated = GatedModel(graph)
     allowed = _units(graph, config.units)
     e = int(allowed.sum())
     budgets = resolve_budgets(config.budgets, e)
-    oracle = LossOracle(gated, scoring, task, batch_size=config.batch_size, strategy=config.strategy)
+    oracle = oracle or LossOracle(gated, scoring, task, batch_size=config.batch_size, strategy=config.strategy)
     truth = truth or LossOracle(gated, evaluation, task, batch_size=config.batch_size, strategy=config.strategy)
     ctx = Context(graph, gated, scoring, task, seed=seed, batch_size=config.batch_size,
                   removable=None if allowed.all() else allowed, max_removed=max(config.ks))
@@ -400,7 +401,9 @@ def score(searches: Sequence[str], study: str | Study = "cifar", *, zero_shot: S
     and ``zero_shot`` criteria on a study's networks at its pass budgets, against the truth (module docstring).
     ``truth``: a truth table (CSV) whose measurements are reused, e.g. the paper's ``truth/<study>.csv``;
     ``save_truth_to``: where to write the table extended by every mask measured here (default: nowhere). The
-    records carry a ``network`` column."""
+    table also keeps the masks measured on the scoring subset (its own ``subset`` rows), so that a rerun replays
+    the searches without running those passes again (they are still charged). The records carry a ``network``
+    column."""
     from . import zoo
     if not isinstance(study, Study) and study not in STUDIES:
         raise KeyError(f"unknown study {study!r}; studies: {', '.join(STUDIES)} (or pass a bench.Study)")
@@ -413,14 +416,19 @@ def score(searches: Sequence[str], study: str | Study = "cifar", *, zero_shot: S
         net, splits, task = load(name, data_dir, log)
         evaluation = evaluation_subset(splits["test"], spec.n_eval)
         graph = build_graph(net, splits["scoring"][:4].args(net))
-        oracle = LossOracle(GatedModel(graph), evaluation, task, batch_size=config.batch_size, strategy=config.strategy)
+        gated = GatedModel(graph)
+        oracles = [LossOracle(gated, data, task, batch_size=config.batch_size, strategy=config.strategy)
+                   for data in (evaluation, splits["scoring"])]
         if truth is not None:
-            load_truth(truth, name, oracle)
-        res = run_bench(graph, splits["scoring"], evaluation, task, config, seed=seed, truth=oracle, log=log)
+            for o in oracles:
+                load_truth(truth, name, o)
+        res = run_bench(graph, splits["scoring"], evaluation, task, config, seed=seed, truth=oracles[0],
+                        oracle=oracles[1], log=log)
         for part in ("picks", "ranking", "reach"):
             getattr(out, part).extend({"network": name, **r} for r in getattr(res, part))
         if save_truth_to is not None:
-            save_truth(save_truth_to, name, oracle)
+            for o in oracles:
+                save_truth(save_truth_to, name, o)
     return out
 
 

@@ -250,6 +250,29 @@ def test_a_method_from_outside_the_package_is_benchmarked_in_a_few_lines(tmp_pat
     assert [r["loss"] for r in again.picks] == [r["loss"] for r in mine]
 
 
+def test_a_rerun_from_the_truth_table_replays_the_searches_bit_for_bit(tmp_path):
+    """The table keeps the scoring subset's masks too: a rerun charges the same passes and picks the same masks."""
+    import csv
+    from surrogate.bench import BenchConfig, Study, score
+
+    def tiny(name, data_dir, log):
+        torch.manual_seed(3)
+        x, y = torch.randn(72, 3, 32, 32), torch.randint(0, 10, (72,))
+        return ResNetCifar(8, 10, 4).eval(), {"scoring": Subset("scoring", x[:32], y[:32]),
+                                               "test": Subset("test", x[32:], y[32:])}, Task("classification")
+
+    study = Study(("tiny",), BenchConfig(ks=(2,), budgets=("E+2",), ablations=(0.34,), ablation_masks=4),
+                  n_eval=40, load=tiny)
+    table = tmp_path / "truth.csv"
+    first = score(["random_search", "sequential_loss"], study, save_truth_to=table, log=None)
+    with open(table, newline="") as f:
+        subsets = {r["subset"] for r in csv.DictReader(f)}
+    assert "scoring" in subsets and len(subsets) == 2
+    again = score(["random_search", "sequential_loss"], study, truth=table, log=None)
+    cols = ("method", "budget", "spent", "mask", "loss")
+    assert [tuple(r[c] for c in cols) for r in again.picks] == [tuple(r[c] for c in cols) for r in first.picks]
+
+
 @pytest.mark.parametrize("which", ["resnet", "lm"])
 def test_the_dense_pass_gives_the_oracles_loss_and_the_merge_shares(setup, tiny_lm, which):
     from surrogate.flow import measure_shares
