@@ -12,6 +12,8 @@ BUILD  := build
 JOBS   ?= 2
 # `make paper DEVICE=cuda`: every notebook on that device (default: each profile's own, the CPU)
 DEVICE ?=
+# `make paper RETRAIN=1`: ignore the shipped checkpoints (checkpoints/) and retrain every network
+RETRAIN ?=
 # `make fast NB=01_synthetic`: only these notebooks (default: all)
 NB     ?=
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
@@ -56,7 +58,7 @@ test: unit nbval paper-build
 # nothing; executed notebooks kept in build/executed; paper/generated/INDEX.csv says which cell wrote what), then
 # the paper itself (paper/main.pdf).
 results: setup
-	$(BIN)/python scripts/run_notebooks.py --jobs $(JOBS) $(if $(DEVICE),--set device=$(DEVICE))
+	$(if $(RETRAIN),SURROGATE_RETRAIN=1) $(BIN)/python scripts/run_notebooks.py --jobs $(JOBS) $(if $(DEVICE),--set device=$(DEVICE))
 
 paper: results tex
 	cd paper && latexmk -pdf -interaction=nonstopmode -halt-on-error main.tex
