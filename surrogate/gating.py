@@ -478,8 +478,27 @@ def _meta_clone(module: fx.GraphModule) -> fx.GraphModule:
             for t in vars(sub).values():
                 if isinstance(t, torch.Tensor) and id(t) not in memo:
                     memo[id(t)] = t.detach().to("meta")
-        clone = _META_CLONES[module] = copy.deepcopy(module, memo).eval()  # shapes are alike in train mode
+        clone = copy.deepcopy(module, memo).eval()  # shapes are alike in train mode
+        _on_meta(clone.graph)
+        clone.recompile()
+        _META_CLONES[module] = clone
     return clone
+
+
+def _on_meta(graph: fx.Graph) -> None:
+    """Point every device an operation names (``x.to("cpu")``, ``arange(n, device=cpu)``, as exported graphs
+    of Hugging Face models have) at the meta device, so that the meta pass never meets a real tensor."""
+    meta = torch.device("meta")
+
+    def to_meta(a: Any) -> Any:
+        return meta if isinstance(a, torch.device) else a
+
+    for node in graph.nodes:
+        node.args = fx.node.map_aggregate(node.args, to_meta)
+        kwargs = fx.node.map_aggregate(node.kwargs, to_meta)
+        if isinstance(kwargs.get("device"), str):
+            kwargs = {**kwargs, "device": meta}
+        node.kwargs = kwargs
 
 
 class RemovedTensors(nn.Module):
@@ -607,9 +626,67 @@ def _has_side_effect(node: fx.Node) -> bool:
     if node.op == "call_function":
         schema = getattr(node.target, "_schema", None)
         if schema is not None:
-            return schema.is_mutable
+            return schema.is_mutable and not _writes_only_dead_temporaries(node)
         return node.target in (operator.setitem, torch._assert) or node.is_impure(impure_random=False)
     return False
+
+
+def _schema_args(node: fx.Node) -> list[tuple[Any, Any]]:
+    """(schema argument, value) of an operator call, positional and keyword."""
+    out = []
+    for i, a in enumerate(node.target._schema.arguments):
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+        out.append((a, value))
+    return out
+
+
+def _fresh_root(node: Any) -> fx.Node | None:
+    """The node whose freshly allocated tensor ``node`` is (a view of), or None if it may be an input, a
+    parameter, a buffer or anything else that outlives the call (or we cannot tell)."""
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        producer, schema = node, getattr(node.target, "_schema", None)
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            producer, schema = node.args[0], getattr(node.args[0].target, "_schema", None)
+        if schema is None:
+            return None
+        viewed = [v for a, v in _schema_args(producer) if a.alias_info is not None and isinstance(v, fx.Node)]
+        if not viewed:
+            return node  # an operator that allocates its output
+        node = viewed[0]
+    return None
+
+
+def _writes_only_dead_temporaries(node: fx.Node) -> bool:
+    """Whether an in-place operator only writes temporaries: tensors the graph allocated itself that nothing
+    reads after this node (the routing of a mixture of experts normalises its weights in place and scatters
+    into a fresh index tensor; once the experts' output is cut, those writes are dead code too). Decided
+    from operator schemas (exported graphs); anything without one counts as sharing memory."""
+    written = [v for a, v in _schema_args(node) if a.alias_info is not None and a.alias_info.is_write]
+    if not written:
+        return False
+    later = set()
+    cursor = node.next
+    while cursor.op != "root":
+        later.add(cursor)
+        cursor = cursor.next
+    for target in written:
+        root = _fresh_root(target)
+        if root is None:
+            return False
+        aliases, todo = {root}, [root]
+        while todo:  # every tensor that may share the root's memory: through views, in-place ops, getitem
+            for user in todo.pop().users:
+                if user is node:
+                    continue
+                if user in later:
+                    return False  # read after the write
+                schema = getattr(user.target, "_schema", None) if user.op == "call_function" else None
+                shares = schema is None or any(a.alias_info is not None and isinstance(v, fx.Node)
+                                               and v in aliases for a, v in _schema_args(user))
+                if shares and user not in aliases:
+                    aliases.add(user)
+                    todo.append(user)
+    return True
 
 
 def _keep(x: torch.Tensor) -> torch.Tensor:

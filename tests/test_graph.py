@@ -174,6 +174,15 @@ def test_pruned_model_equals_masked_model(case):
             assert count_params(small) <= count_params(net)
 
 
+def _sample_masks(graph, seed: int = 0, single: int = 24) -> list[torch.Tensor]:
+    """Every single-edge mask (every k-th beyond ``single`` edges), random masks and the empty mask."""
+    gen = torch.Generator().manual_seed(seed)
+    step = max(1, graph.num_prunable // single)
+    masks = [graph.mask_from_removed([i]) for i in range(0, graph.num_prunable, step)]
+    masks += [(torch.rand(graph.num_prunable, generator=gen) < p).float() for p in (0.3, 0.5, 0.8)]
+    return masks + [torch.zeros(graph.num_prunable)]
+
+
 def test_masking_changes_output(case):
     _, net, x, graph, gated = case
     with torch.no_grad():
