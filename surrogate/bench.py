@@ -45,7 +45,7 @@ from .methods import Context
 from .search import SEARCHES, Problem, evolution, run_search
 from . import sequential as _sequential  # noqa: F401  (registers this project's searches)
 
-__all__ = ["BenchConfig", "BenchResult", "Study", "STUDIES", "score", "evaluation_subset", "labels", "regret_table",
+__all__ = ["BenchConfig", "BenchResult", "Study", "STUDIES", "study_from", "score", "evaluation_subset", "labels", "regret_table",
            "bench_macros", "resolve_budgets",
            "run_bench", "load_truth", "save_truth", "at_budgets", "regret_summary", "head_to_head"]
 
@@ -378,6 +378,27 @@ STUDIES: dict[str, Study] = {
     "gpt2_12l": Study(tuple(f"gpt2_12l_seed{s}" for s in range(3)),
                       BenchConfig(units=_sublayers(), ks=(6,), batch_size=16), 16),
 }
+
+
+def study_from(name: str, *, networks: Sequence[str] | None = None, ks: Sequence[int] | None = None,
+               budgets: Sequence[str] | None = None, searches: Sequence[str] | None = None,
+               zero_shot: Sequence[str] = (), n_eval: int | None = None, reference: int | None = None,
+               ablation_masks: int | None = None, ablations: Sequence[float] | None = None,
+               quick: dict[str, Any] | None = None) -> Study:
+    """Study ``name`` of ``STUDIES`` with a notebook's overrides (None keeps the study's own; ``searches`` None:
+    every registered search; ``quick``: training/data overrides for stand-in networks, as ``zoo.load`` takes)."""
+    if name not in STUDIES:
+        raise KeyError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
+    base = STUDIES[name]
+    given = {"ks": ks, "budgets": budgets, "reference": reference, "ablation_masks": ablation_masks,
+             "ablations": ablations}
+    config = replace(base.config, searches=tuple(searches or SEARCHES), zero_shot=tuple(zero_shot),
+                     **{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in given.items() if v is not None})
+    load = None
+    if quick:
+        from . import zoo
+        load = lambda net, data_dir=None, log=None: zoo.load(net, data_dir, log, **quick)  # noqa: E731
+    return Study(tuple(networks or base.networks), config, n_eval or base.n_eval, load)
 
 
 def labels(names: Sequence[str]) -> dict[str, str]:

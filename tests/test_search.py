@@ -290,3 +290,15 @@ def test_the_dense_pass_gives_the_oracles_loss_and_the_merge_shares(setup, tiny_
     assert meter.spent == 1 and LossOracle(gated, scoring, task, batch_size=8).losses(ones)[0] == loss
     np.testing.assert_allclose(ctx.memo["shares"], measure_shares(graph, scoring.inputs), rtol=1e-9, atol=1e-12)
     assert state.shape[0] == len(scoring)
+
+
+def test_study_from_applies_a_notebooks_overrides_and_keeps_the_rest():
+    from surrogate.bench import STUDIES, study_from
+    s = study_from("cifar", networks=["cifar_resnet20_seed100_12ep"], ks=[3], budgets=["E+2"], zero_shot=["loo"],
+                   n_eval=50, ablations=[0.15])
+    assert s.networks == ("cifar_resnet20_seed100_12ep",) and s.n_eval == 50
+    assert s.config.ks == (3,) and s.config.budgets == ("E+2",) and s.config.ablations == (0.15,)
+    assert s.config.strategy == STUDIES["cifar"].config.strategy and "sequential" in s.config.searches
+    assert study_from("cifar").networks == STUDIES["cifar"].networks
+    with pytest.raises(KeyError, match="unknown study"):
+        study_from("imagenet")
