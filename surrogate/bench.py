@@ -232,7 +232,7 @@ def _reference(problem: Problem, truth: LossOracle, config: BenchConfig, budgets
         masks = masks[problem.ok(masks)]
         say(f"k={k} reference: all {len(masks)} masks on {len(truth.data)} evaluation samples")
         truth.losses(masks)
-        how = "exhaustive"
+        how = f"exhaustive ({len(masks)} masks)"
     else:
         total = config.reference * max(budgets)
         say(f"k={k} reference: evolution on the evaluation data, {config.restarts} x {total // config.restarts} "
@@ -254,7 +254,7 @@ def _reference(problem: Problem, truth: LossOracle, config: BenchConfig, budgets
 
 def _score(row: dict[str, Any], truth: LossOracle, oracle: LossOracle, best: float, how: str, e: int) -> None:
     mask = row.pop("mask")
-    row.update({"units": e, "reference": how, "best_loss": best})
+    row.update({"units": e, "reference": how, "best_loss": best, "eval_samples": len(truth.data)})
     if mask is None:
         row.update({"mask": "", "loss": np.nan, "accuracy": np.nan, "regret": np.nan, "scoring_loss": np.nan})
         return
@@ -485,13 +485,21 @@ def regret_table(summary: pd.DataFrame, path: str | Path | None = None) -> pd.Da
 
 
 def bench_macros(study: str, summary: pd.DataFrame, h2h: pd.DataFrame, ranking: pd.DataFrame,
-                 reach: pd.DataFrame, ours: str) -> dict[str, Any]:
+                 reach: pd.DataFrame, ours: str, picks: pd.DataFrame | None = None) -> dict[str, Any]:
     """The numbers the paper quotes from one study: per budget P, ours' mean regret, the best other method's
     and its name, ours' wins/ties/losses over (network, k) pairs summed over the other methods; the rank
     agreement of ours and of the best other model at each ablated fraction (largest budget); the passes to
     within 1% of the reference (ours, and the reference search's evaluations on the test data)."""
     from .paper import macro_name
     m: dict[str, Any] = {}
+    if picks is not None and len(picks):  # the setting: networks, test samples, the exhaustive reference's size
+        m[macro_name(study, "nets")] = int(picks.network.nunique())
+        m[macro_name(study, "eval", "n")] = int(picks.eval_samples.max())
+        sizes = picks.reference.str.extract(r"exhaustive \((\d+) masks\)")[0].dropna()
+        if len(sizes):
+            m[macro_name(study, "reference", "masks")] = int(sizes.astype(int).max())
+    if len(ranking):
+        m[macro_name(study, "rank", "masks")] = int(ranking.n_masks.max())
     for i, (p, g) in enumerate(summary.groupby("P", sort=True)):
         g = g.groupby("method")["mean"].mean()
         tag = macro_name(study, "budget", "ABCDEFGH"[i])

@@ -139,7 +139,7 @@ def test_bench_scores_every_pick_against_the_reference_and_reuses_truth_tables(s
         assert math.isnan(r["passes"]) or 0 < r["passes"] <= r["largest"] <= 12 + 1e-9
     assert {r["method"] for r in rows} == set(config.searches) | set(config.zero_shot)
     for r in rows:
-        assert r["reference"] == "exhaustive" and r["units"] == 6
+        assert r["reference"].startswith("exhaustive (") and r["units"] == 6
         if r["mask"]:
             assert r["regret"] >= -1e-12 and math.isclose(r["regret"], r["loss"] - r["best_loss"])
             assert r["spent"] <= r["budget"] + 1e-9
@@ -302,3 +302,25 @@ def test_study_from_applies_a_notebooks_overrides_and_keeps_the_rest():
     assert study_from("cifar").networks == STUDIES["cifar"].networks
     with pytest.raises(KeyError, match="unknown study"):
         study_from("imagenet")
+
+
+def test_bench_macros_quote_the_tables_they_come_from():
+    import pandas as pd
+    from surrogate.bench import at_budgets, bench_macros, head_to_head, regret_summary
+    rows = [{"network": n, "k": 3, "method": m, "kind": "search", "budget": p, "spent": p, "regret": r,
+             "eval_samples": 50, "reference": "exhaustive (12 masks)"}
+            for n, off in (("a", 0.0), ("b", 0.1)) for p in (10, 20)
+            for m, r in (("ours", 0.2 / p + off), ("rs", 0.5 / p + off))]
+    picks = pd.DataFrame(rows)
+    table = at_budgets(picks, [10, 20])
+    summary = regret_summary(table)
+    ranking = pd.DataFrame([{"fraction": 0.15, "removed": 3, "method": m, "budget": 20, "spent": 20,
+                             "n_masks": 40, "spearman": s, "pearson": s} for m, s in (("ours", 0.9), ("rs", 0.4))])
+    reach = pd.DataFrame([{"k": 3, "method": "ours", "tolerance": 0.01, "passes": 12.0, "largest": 20}])
+    m = bench_macros("cifar", summary, head_to_head(table, "ours"), ranking, reach, "ours", picks)
+    assert m["CifarNets"] == 2 and m["CifarEvalN"] == 50 and m["CifarReferenceMasks"] == 12
+    assert m["CifarRankMasks"] == 40 and m["CifarBudgetAPasses"] == 10 and m["CifarBudgetBPasses"] == 20
+    assert m["CifarBudgetAOurs"] == pytest.approx(0.02 + 0.05) and m["CifarBudgetABestOther"] == pytest.approx(0.05 + 0.05)
+    assert (m["CifarBudgetAWins"], m["CifarBudgetATies"], m["CifarBudgetALosses"]) == (2, 0, 0)
+    assert m["CifarRankOneFivePctOurs"] == 0.9 and m["CifarRankOneFivePctBestOther"] == 0.4
+    assert m["CifarReachKThreeOurs"] == 12.0
