@@ -593,6 +593,7 @@ def prune(graph: ComputationGraph, mask: Any) -> fx.GraphModule:
     smaller = [_prune_heads(pruned, graph, graph.head_splits[v], removed, by_name, constant)
                for v, removed in removed_heads.items()]
     pruned.graph.eliminate_dead_code(is_impure_node=_has_side_effect)
+    _shapes_without_computation(pruned.graph, graph, constant)
     constants = [n for n in pruned.graph.nodes if n.op == "call_module" and n.target == _CONSTANTS_PATH]
     if constants:
         names = [n.args[0] for n in constants]
@@ -612,6 +613,43 @@ def prune(graph: ComputationGraph, mask: Any) -> fx.GraphModule:
     pruned.recompile()
     pruned.delete_all_unused_submodules()
     return copy.deepcopy(pruned)
+
+
+_SHAPE_METHODS = {"size", "dim", "numel"}
+_SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype"}
+_SHAPE_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_size.default, torch.ops.aten.sym_numel.default,
+              torch.ops.aten.dim.default, torch.numel}
+
+
+def _reads_shape(node: fx.Node, tensor: fx.Node) -> bool:
+    """Whether ``node`` reads only the shape (or rank, dtype) of ``tensor``: ``t.shape``, ``t.size(d)``."""
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS and node.args[0] is tensor
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[0] is tensor and node.args[1] in _SHAPE_ATTRIBUTES
+    return node.op == "call_function" and node.target in _SHAPE_OPS and node.args[0] is tensor
+
+
+def _shapes_without_computation(g: fx.Graph, graph: ComputationGraph,
+                                constant: Callable[[str, float], fx.Node]) -> None:
+    """Read the shape of a tensor that is still computed only for its shape (``F.interpolate(x,
+    size=skip.shape[-2:])`` with the edge from ``skip`` removed) from the removed-tensor constant, so that
+    the computation and its parameters go, as ``CostModel`` counts them (shape reads are no edges)."""
+    data = {n for v in graph.vertices if v.kind != "input" for n in v.nodes}
+    while True:
+        shape_only = [n for n in g.nodes if n.name in data and n.users and not _has_side_effect(n)
+                      and all(_reads_shape(u, n) for u in n.users)
+                      and isinstance(graph.node_info.get(n.name), tuple)
+                      and isinstance(graph.node_info[n.name][1], torch.dtype)]
+        if not shape_only:
+            return
+        for n in shape_only:
+            with g.inserting_after(n):
+                const = constant(n.name, 0.0)
+            for user in list(n.users):
+                if user is not const:
+                    user.replace_input_with(n, const)
+        g.eliminate_dead_code(is_impure_node=_has_side_effect)
 
 
 def _has_side_effect(node: fx.Node) -> bool:

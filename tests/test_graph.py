@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from surrogate import GatedModel, TraceError, build_graph, prune
 from surrogate.models import (Block, CausalLMLogits, RandomGraphConfig, RandomGraphNet, gpt2_small_random,
                               resnet20)
-from surrogate.profile import count_params
+from surrogate.profile import count_macs, count_params
+from surrogate.pruning import CostModel
 
 warnings.filterwarnings("ignore", message=".*token_id.*")
 
@@ -181,6 +182,18 @@ def _sample_masks(graph, seed: int = 0, single: int = 24) -> list[torch.Tensor]:
     masks = [graph.mask_from_removed([i]) for i in range(0, graph.num_prunable, step)]
     masks += [(torch.rand(graph.num_prunable, generator=gen) < p).float() for p in (0.3, 0.5, 0.8)]
     return masks + [torch.zeros(graph.num_prunable)]
+
+
+def test_cost_model_counts_what_pruning_keeps(case):
+    """CostModel's parameters and MACs per example are those of the pruned module, for every sampled mask."""
+    _, _, x, graph, _ = case
+    masks = _sample_masks(graph)
+    params, macs = CostModel(graph).cost(torch.stack(masks).numpy())
+    with torch.no_grad():
+        for m, p, c in zip(masks, params, macs):
+            small = prune(graph, m)
+            removed = f"removed {(m == 0).nonzero().flatten().tolist()}"
+            assert (count_params(small), count_macs(small, x) // len(x)) == (p, c), removed
 
 
 def test_masking_changes_output(case):

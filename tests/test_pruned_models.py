@@ -1,6 +1,7 @@
 """Pruned models of kinds the core tests (test_graph.CASES) do not hold: a mixture of experts (data-dependent
-routing, traced with torch.export) and an encoder-decoder (two inputs of independent lengths). Every pruned
-model runs at other batch sizes and lengths and computes what the gated model computes there."""
+routing, traced with torch.export), an encoder-decoder (two inputs of independent lengths) and a U-Net whose
+decoder reads a skip's shape. Every pruned model runs at other batch sizes and lengths and computes what the
+gated model computes there, and its parameters and MACs are what the cost model says."""
 from __future__ import annotations
 
 import functools
@@ -9,8 +10,11 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from surrogate import GatedModel, build_graph, prune
+from surrogate.profile import count_macs, count_params
+from surrogate.pruning import CostModel
 from test_graph import _sample_masks
 
 warnings.filterwarnings("ignore", message=".*token_id.*")
@@ -25,7 +29,7 @@ def _mixtral():
                         max_position_embeddings=64)
     net = CausalLMLogits(MixtralForCausalLM(cfg)).eval()
     other = [(torch.randint(0, 50, s),) for s in [(3, 8), (2, 5), (1, 11)]]
-    return net, torch.randint(0, 50, (2, 8)), other
+    return net, (torch.randint(0, 50, (2, 8)),), other
 
 
 class _Seq2SeqLogits(nn.Module):
@@ -52,7 +56,27 @@ def _bart():
     return net, ids(2, 7, 5), [ids(3, 7, 5), ids(2, 9, 6), ids(1, 4, 3)]
 
 
-MODELS = {"mixtral": _mixtral, "bart": _bart}
+class _TinyUNet(nn.Module):
+    """An encoder level, a lateral 1x1 skip and a decoder that upsamples to the skip's size (U-Net, FPN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc1, self.enc2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1, stride=2)
+        self.lateral, self.head = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.enc1(x))
+        b = F.relu(self.enc2(a))
+        skip = self.lateral(a)
+        return self.head(F.interpolate(b, size=skip.shape[-2:]) + skip)
+
+
+def _unet():
+    torch.manual_seed(0)
+    return _TinyUNet().eval(), (torch.randn(2, 3, 8, 8),), [(torch.randn(b, 3, s, s),) for b, s in [(3, 8), (1, 10)]]
+
+
+MODELS = {"mixtral": _mixtral, "bart": _bart, "unet": _unet}
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,6 +107,19 @@ def test_pruned_model_runs_at_other_shapes(model):
             for x in other:
                 removed = f"removed {(m == 0).nonzero().flatten().tolist()} at {[tuple(t.shape) for t in x]}"
                 torch.testing.assert_close(small(*x), gated(*x, mask=m), rtol=1e-5, atol=1e-6, msg=removed)
+
+
+def test_cost_model_counts_what_pruning_keeps(model):
+    """Parameters and MACs of every pruned module are the cost model's; a skip read only for its shape
+    (the U-Net's) is not computed once its edge is removed."""
+    _, x, _, graph = model
+    masks = _masks(graph)
+    params, macs = CostModel(graph).cost(torch.stack(masks).numpy())
+    with torch.no_grad():
+        for m, p, c in zip(masks, params, macs):
+            small = prune(graph, m)
+            removed = f"removed {(m == 0).nonzero().flatten().tolist()}"
+            assert (count_params(small), count_macs(small, x) // len(x[0])) == (p, c), removed
 
 
 def test_removed_experts_take_their_router_along():
