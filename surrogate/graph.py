@@ -12,10 +12,11 @@ prunable edge per attention head, named ``"... -> h.0.attn.c_proj[head 1]"``.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -104,6 +105,35 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
         "\nWhat to do: make forward() take tensors positionally and return tensors; avoid Python control "
         "flow on tensor values (torch.fx) or pass tracer='export'; "
         "for Hugging Face models call them with use_cache=False (see surrogate.models.CausalLMLogits).")
+
+
+@contextlib.contextmanager
+def _buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Give every buffer of ``model`` its value (and object) from before the block back, and warn if the
+    block changed one: a forward that updates a buffer in place (a step counter, a running average outside
+    BatchNorm) ran while tracing, and the traced graph does not reproduce such updates faithfully."""
+    saved = [(f"{path}.{k}".lstrip("."), m, k, b, b.detach().clone())
+             for path, m in model.named_modules() for k, b in m._buffers.items() if b is not None]
+    try:
+        yield
+    finally:
+        changed = [name for name, m, k, b, value in saved if m._buffers.get(k) is not b or not _same(b, value)]
+        with torch.no_grad():
+            for _, m, k, b, value in saved:
+                m._buffers[k] = b
+                b.copy_(value)
+        if changed:
+            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+            warnings.warn(f"build_graph: the forward of {type(model).__name__} updates buffer(s) "
+                          f"{', '.join(changed[:5])}{more} in place; tracing ran it, so their values from before "
+                          "were restored. In-place buffer updates are not part of the computation graph: gated "
+                          "and pruned models may skip or repeat them. Keep such state outside the traced "
+                          "forward (or treat it as a constant).", stacklevel=4)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and (torch.equal(a, b) or (
+        a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
 
 
 def _check_same(a: Any, b: Any) -> None:
@@ -405,7 +435,9 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
         projection cuts that path.
     """
     inputs = _as_tuple(example_inputs)
-    with measuring(model):  # tracing runs the model: never in training mode (BatchNorm statistics, dropout)
+    # tracing runs the model: never in training mode (BatchNorm statistics, dropout), and buffers it updates
+    # in place get their values back
+    with measuring(model), _buffers_restored(model):
         gm, used = trace(model, inputs, tracer)
         info = _record_values(gm, inputs)
     is_unit = _vertex_rule(vertices, model)

@@ -330,3 +330,46 @@ def test_random_graph_edges_are_unchanged():
             names[f"{iterations}-{seed}"] = [graph.edge_names, [e.name for e in graph.edges]]
     digest = hashlib.sha256(json.dumps(names, sort_keys=True).encode()).hexdigest()
     assert digest == "7f3b7b9724dbab33148b6019d5726205bbebe1100e0d24329a413a965e23a4e8"
+
+
+class _StepCounter(nn.Module):
+    """Two branches into a residual add, and a forward that counts its calls and averages its inputs in
+    buffers (in place, as some models track steps or statistics outside BatchNorm)."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.inplace = inplace
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            self.steps.add_(1)
+            self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        else:
+            self.steps += 1
+        return self.a(x) + self.b(x)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("inplace", [True, False])
+def test_tracing_restores_buffers_and_warns(tracer, inplace):
+    net, x = _StepCounter(inplace).eval(), torch.randn(3, 4)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    buffers = dict(net.named_buffers())
+    with pytest.warns(UserWarning, match="updates buffer.*steps.*not part of the computation graph"):
+        graph = build_graph(net, x, tracer=tracer)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(net.get_buffer(k) is b for k, b in buffers.items())  # the same objects (the graph shares them)
+    assert graph.num_prunable == 2
+
+
+def test_tracing_a_model_without_buffer_updates_does_not_warn():
+    net, x = _resnet20()
+    net.train()  # tracing measures in eval mode: BatchNorm statistics are not updated, nothing to warn about
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_graph(net, x[:, :, :8, :8])
+    assert not [w for w in caught if "updates buffer" in str(w.message)]
