@@ -13,6 +13,7 @@ prunable edge per attention head, named ``"... -> h.0.attn.c_proj[head 1]"``.
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -91,15 +92,31 @@ def trace(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor
     errors: list[str] = []
     with torch.no_grad():
         reference = model(*inputs)
+    branching = []  # the tracers that failed on control flow over a tensor's value
     for name in (("fx", "export") if tracer == "auto" else (tracer,)):
         try:
-            gm = _trace_fx(model) if name == "fx" else _trace_export(model, inputs)
+            if name == "fx":
+                gm = _trace_fx(model)
+            else:  # export prints the partial graph of a failure to stderr: the reason is reported below
+                with contextlib.redirect_stderr(io.StringIO()):
+                    gm = _trace_export(model, inputs)
+            _check_no_branches(model, gm)
             with torch.no_grad():
                 out = gm(*inputs)
             _check_same(reference, out)
             return gm, name
         except Exception as exc:  # noqa: BLE001 - every failure is reported below
+            if isinstance(exc, _Branches):
+                raise TraceError(str(exc)) from None
             errors.append(f"  torch.{name}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
+            if "control flow" in str(exc) or "DataDependent" in type(exc).__name__:
+                branching.append(name)
+    if branching and len(branching) == len(errors):
+        raise TraceError(
+            f"{type(model).__name__}.forward branches on a tensor's value (an `if` or `while` on a tensor, or "
+            "`.item()`), which a computation graph cannot hold:\n" + "\n".join(errors) + "\nWhat to change: "
+            "compute both branches and select with torch.where(condition, a, b), or take the decision outside "
+            "the traced forward (a flag or a module attribute set before build_graph).")
     raise TraceError(
         f"Could not trace {type(model).__name__} into a computation graph.\n" + "\n".join(errors) +
         "\nWhat to do: make forward() take tensors positionally and return tensors; avoid Python control "
@@ -134,6 +151,20 @@ def _buffers_restored(model: nn.Module) -> Iterator[None]:
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and (torch.equal(a, b) or (
         a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)))
+
+
+class _Branches(TraceError):
+    """The traced graph holds a higher-order control-flow op (torch.cond, while_loop): not supported."""
+
+
+def _check_no_branches(model: nn.Module, gm: fx.GraphModule) -> None:
+    ops = {str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes
+           if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)}
+    if ops:
+        raise _Branches(f"{type(model).__name__}.forward uses torch.{', torch.'.join(sorted(ops))}: not supported, "
+                        "since the graph cannot see into its branches (their merges cannot be gated, their cost "
+                        "is not counted). What to change: compute both branches and select with "
+                        "torch.where(condition, a, b).")
 
 
 def _check_same(a: Any, b: Any) -> None:
@@ -549,7 +580,9 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
     if exclude is not None:
         pick = [e for e in pick if not re.search(exclude, e.name)]
     if not pick:
-        warnings.warn(f"{type(model).__name__}: no prunable edges were found with edges={edges!r}")
+        warnings.warn(f"{type(model).__name__}: no prunable edges were found with edges={edges!r}: the model has "
+                      "no structural merge (residual add, concatenated branches, gated product) left by the "
+                      "other options; edges='all' gates every edge")
     return ComputationGraph(gm, vert, all_edges, pick, used, inputs, info, splits)
 
 

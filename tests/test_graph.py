@@ -492,9 +492,24 @@ class _DataDependent(nn.Module):
         return self.b(x) + x
 
 
-def test_untraceable_model_raises_trace_error():
-    with pytest.raises(TraceError, match="Could not trace"):
+def test_untraceable_model_raises_trace_error(capfd):
+    """Control flow on a tensor's value: one short error that says so and what to change (export's partial
+    graph dump is not printed)."""
+    with pytest.raises(TraceError, match="branches on a tensor's value") as err:
         build_graph(_DataDependent(), torch.randn(3, 4))
+    assert "torch.where" in str(err.value) and len(str(err.value).splitlines()) <= 5
+    assert "def forward" not in capfd.readouterr().err
+
+
+class _Cond(_DataDependent):
+    def forward(self, x):
+        h = self.a(x) + x
+        return torch.cond(h.sum() > 0, lambda t: self.b(t) + t, lambda t: t - self.b(t), (h,))
+
+
+def test_torch_cond_raises_trace_error():
+    with pytest.raises(TraceError, match="torch.cond: not supported.*torch.where"):
+        build_graph(_Cond(), torch.randn(3, 4))
 
 
 def test_bad_masks_and_names_raise(case):
