@@ -1,12 +1,11 @@
 """Tests for surrogate.data: the teacher task, data-folder resolution, CIFAR-10, WikiText-2 and GPT-2.
 
 The offline-data tests read $SURROGATE_DATA_DIR, else ../shared/data next to the repo, and are skipped if
-neither exists. The decoded CIFAR-10 cache lives in the session's private cache folder (tests/conftest.py sets
-$SURROGATE_CACHE_DIR), so each test session decodes it once.
+neither exists (tests/conftest.py: ``data_dir``). The decoded CIFAR-10 cache lives in the session's private
+cache folder (conftest sets $SURROGATE_CACHE_DIR for the session), so each test session decodes it once.
 """
 from __future__ import annotations
 
-import os
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -21,25 +20,6 @@ from surrogate.data import (DATA_DIR_ENV, TeacherTaskConfig, load_cifar10, load_
                             teacher_logits, tokenize_lm)
 
 SMALL = TeacherTaskConfig(n_train=300, n_val=100, n_score=100, n_test=500, seed=3)
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    folder = Path(os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data")
-    if not folder.is_dir():
-        pytest.skip(f"offline data folder {folder} not found; set {DATA_DIR_ENV} to run these tests")
-    return folder
-
-
-@pytest.fixture(scope="session")
-def cifar(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    # explicit: a session fixture runs before conftest's per-test $SURROGATE_CACHE_DIR is set
-    return load_cifar10(data_dir, cache_dir=tmp_path_factory.getbasetemp() / "cache" / "data")
-
-
-@pytest.fixture(scope="session")
-def tokenizer(data_dir: Path):
-    return load_gpt2_tokenizer(data_dir)
 
 
 # ---- teacher task ---------------------------------------------------------------------------------------
