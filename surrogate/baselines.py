@@ -2,7 +2,7 @@
 any traced graph, each registered once as a method (``fit_method(name, ctx)``)::
 
     block_influence  ShortGPT's Block Influence               1 forward pass
-    angular          Gromov et al.'s angular distance          1 forward pass   (+ ``angular_window``)
+    angular          Gromov et al.'s angular distance          1 forward pass
     taylor_plus      Shortened-LLaMA's Taylor+                 1 forward + 1 backward pass
     synflow          Tanaka et al.'s SynFlow (data-free)       1 forward + 1 backward, one all-ones input
     sleb             SLEB's greedy removal                     sum_{j<k} (A - j) forward passes at most
@@ -29,7 +29,6 @@ buffers and ``.grad`` untouched.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from dataclasses import replace
 from typing import Any, Callable, Mapping
@@ -42,14 +41,14 @@ from torch.utils import _pytree as pytree
 
 from .evaluate import evaluate_masks
 from .gating import prune
-from .graph import MERGE_OPS, ComputationGraph, Edge, run_nodes
+from .graph import MERGE_OPS, Edge, run_node, run_nodes
 from .measuring import measuring
 from .methods import AdditivePredictor, Context, Method, register_method
 from .metrics import kendall
 from .progress import Ticker
 
 __all__ = ["edge_similarities", "exclusive_sums", "taylor_plus_scores", "synflow_scores", "sleb_order",
-           "bonsai_masks", "ridge_cv", "residual_chain", "angular_distances", "angular_window",
+           "bonsai_masks", "ridge_cv",
            "BONSAI_DROP", "BONSAI_PENALTIES", "BONSAI_FOLDS"]
 
 BONSAI_DROP = 0.2                                      # probability that a sampled mask drops a removable edge
@@ -65,20 +64,6 @@ def _need_scoring(ctx: Context, name: str) -> None:
     if ctx.scoring is None or ctx.task is None or len(ctx.scoring) == 0:
         raise ValueError(f"{name} measures on the scoring subset: build the Context with scoring=Subset(...) "
                          "and task=Task(...)")
-
-
-def _exec(module: fx.GraphModule, node: fx.Node, value: Callable[[fx.Node], Any]) -> Any:
-    """Run one fx node with its input nodes' values given by ``value``."""
-    args, kwargs = fx.node.map_arg(node.args, value), fx.node.map_arg(node.kwargs, value)
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    if node.op == "call_module":
-        return module.get_submodule(node.target)(*args, **kwargs)
-    if node.op == "get_attr":
-        return functools.reduce(getattr, str(node.target).split("."), module)
-    raise RuntimeError(f"cannot re-run fx node {node.format_node()} (op {node.op!r})")
 
 
 def _neutral(x: torch.Tensor, edge: Edge) -> torch.Tensor:
@@ -169,7 +154,7 @@ def edge_similarities(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
                 def value(a: fx.Node, c: str = node.name) -> Any:
                     return swap[(a.name, c)] if (a.name, c) in swap else local[a.name] if a.name in local \
                         else stash[a.name]
-                local[node.name] = _exec(module, node, value)
+                local[node.name] = run_node(module, node, value)
             acc[i] += _similarity_sums(local[nodes[-1].name], out)
         for a in ext:  # free what no later vertex needs
             left[a] -= 1
@@ -207,146 +192,10 @@ def angular_scorer(ctx: Context) -> AdditivePredictor:
     averaged over sequences (images: over every pixel). Per edge e into vertex v: the mean angle between v's
     output with and without e (module doc); for the branch edge of a residual merge l this is d(l, 1), the
     angle between the stream before and after the merge; a skip edge gets the angle between f(x) and the
-    output. The paper's rule, removing n consecutive blocks, is ``angular_window(ctx, n)``. One forward pass
-    (shared with block_influence)."""
+    output. (The paper's own rule removes the window of n consecutive blocks with the smallest d(l, n); per
+    edge, the picks under a budget come from these scores.) One forward pass (shared with block_influence)."""
     _, angle = edge_similarities(ctx)
     return AdditivePredictor("angular", angle)
-
-
-# ----------------------------------------------------------------------------------------------------
-# the residual stream: Gromov et al.'s window of n consecutive blocks
-
-def _ancestors(graph: ComputationGraph) -> dict[str, set[str]]:
-    preds: dict[str, list[str]] = {}
-    for e in graph.edges:
-        preds.setdefault(e.dst, []).append(e.src)
-    anc: dict[str, set[str]] = {}
-    for v in graph.vertices:  # topological order
-        anc[v.name] = set().union(*({u} | anc[u] for u in preds.get(v.name, ())))
-    return anc
-
-
-def _layers(graph: ComputationGraph) -> set[str]:
-    """Vertices with parameters: an operation calls a module with parameters or reads a parameter."""
-    module = graph.module
-    params = {id(p) for p in module.parameters()}
-    by_name = {n.name: n for n in module.graph.nodes}
-
-    def layer(n: fx.Node) -> bool:
-        if n.op == "call_module" and next(module.get_submodule(str(n.target)).parameters(), None) is not None:
-            return True
-        return any(a.op == "get_attr" and id(_exec(module, a, lambda _: None)) in params for a in n.all_input_nodes)
-    return {v.name for v in graph.vertices if any(layer(by_name[n]) for n in v.nodes)}
-
-
-def residual_chain(graph: ComputationGraph) -> list[tuple[str, Edge, list[int]]]:
-    """The residual stream: (merge vertex, skip edge, prunable branch edges) for every sum merge with a
-    prunable input, in order. The skip edge of a merge is its one input that reaches, back through
-    parameter-free single-input vertices (an identity or padding shortcut, a ReLU, a dropout), a vertex that
-    every other input derives from (the branch reads the stream, through layers); the merges form a stream
-    if each one's skip input is computed from the previous merge's output through single-input vertices.
-    Raises ValueError otherwise (branching topologies such as Inception or random graphs; shortcuts with
-    layers, e.g. a 1x1 convolution)."""
-    anc = _ancestors(graph)
-    gate = {e.name: i for i, e in enumerate(graph.prunable)}
-    merges = list(dict.fromkeys(e.dst for e in graph.prunable if e.merge in ("add", "sub")))
-    if not merges:
-        raise ValueError("the graph has no prunable input of a residual sum (add): angular_window needs a "
-                         "residual stream; use fit_method('angular', ctx) for per-edge angular distances")
-    layers = _layers(graph)
-    free = {v.name: len(graph.predecessors(v.name)) == 1 and v.name not in layers for v in graph.vertices}
-
-    def trail(u: str) -> list[str]:  # u and the vertices it copies the stream from
-        out = [u]
-        while free[u]:
-            u = graph.predecessors(u)[0]
-            out.append(u)
-        return out
-
-    chain: list[tuple[str, Edge, list[int]]] = []
-    for k, v in enumerate(merges):
-        ins = [e for e in graph.edges if e.dst == v]
-        skips = [e for e in ins if len(ins) > 1 and any(
-            all(o.name == e.name or u == o.src or u in anc[o.src] for o in ins) for u in trail(e.src))]
-        if len(skips) != 1:
-            raise ValueError(f"merge {v!r} has no single skip input (one copied, through parameter-free vertices, "
-                             "from a vertex that all its other inputs derive from), so the graph has no residual "
-                             "stream for angular_window; use fit_method('angular', ctx) for per-edge distances")
-        skip = skips[0]
-        if k:
-            u, prev = skip.src, merges[k - 1]
-            while u != prev:
-                preds = graph.predecessors(u)
-                if len(preds) != 1:
-                    raise ValueError(f"the skip input of merge {v!r} is not computed from merge {prev!r} through "
-                                     "single-input vertices, so the merges do not form one residual stream; use "
-                                     "fit_method('angular', ctx) for per-edge angular distances")
-                u = preds[0]
-        chain.append((v, skip, [gate[e.name] for e in graph.prunable if e.dst == v and e.name != skip.name]))
-    return chain
-
-
-@torch.no_grad()
-def angular_distances(ctx: Context) -> np.ndarray:
-    """D (L, L): D[l, l2] = mean arccos(cos(h_l, y_l2)) / pi for l <= l2, with h_l the stream entering merge l
-    (its skip input) and y_l2 the output of merge l2, so that d(l, n) = D[l, l + n - 1] (last token of
-    sequences, every pixel of feature maps); inf where the shapes differ (a downsampling merge in between) or
-    l > l2. One forward pass; memoised."""
-    if "angular_distances" in ctx.memo:
-        return ctx.memo["angular_distances"]
-    _need_scoring(ctx, "angular_window")
-    chain = residual_chain(ctx.graph)
-    h_nodes = [skip.links[0][0] for _, skip, _ in chain]
-    y_nodes = [ctx.graph.vertex(v).nodes[-1] for v, _, _ in chain]
-    wanted = set(h_nodes) | set(y_nodes)
-    big = len(chain)
-    acc = np.zeros((big, big, 2))
-    vals: dict[str, Any] = {}
-
-    def hook(n: fx.Node, compute: Callable[[], Any]) -> Any:
-        out = compute()
-        if n.name in wanted:
-            vals[n.name] = out
-        return out
-
-    with measuring(*_modes(ctx)):
-        for b0 in range(0, len(ctx.scoring), ctx.batch_size):
-            vals.clear()
-            run_nodes(ctx.graph.module, ctx.scoring[b0:b0 + ctx.batch_size].args(ctx.graph.module), hook)
-            for i in range(big):
-                for j in range(i, big):
-                    h, y = vals[h_nodes[i]], vals[y_nodes[j]]
-                    if isinstance(h, torch.Tensor) and isinstance(y, torch.Tensor) and h.shape == y.shape:
-                        acc[i, j] += _similarity_sums(h, y)[2:]
-    d = np.full((big, big), np.inf)
-    ok = acc[..., 1] > 0
-    d[ok] = acc[ok][:, 0] / acc[ok][:, 1]
-    ctx.memo["angular_distances"] = d
-    return d
-
-
-def angular_window(ctx: Context, n: int) -> np.ndarray:
-    """Gromov et al.'s pick: the mask (E,) removing the branches of the n consecutive residual merges
-    l, ..., l + n - 1 of the stream that minimise d(l, n) (``angular_distances``), among windows whose branch
-    edges are all removable (``ctx.removable``) and whose ends have equal shapes. Needs a residual stream
-    (``residual_chain``); one forward pass."""
-    d = angular_distances(ctx)
-    chain = residual_chain(ctx.graph)
-    big = len(chain)
-    if not 1 <= n <= big:
-        raise ValueError(f"n must be between 1 and the number of residual merges ({big}), got {n}")
-    removable = _removable(ctx)
-    best, pick = np.inf, None
-    for start in range(big - n + 1):
-        branches = [i for _, _, b in chain[start:start + n] for i in b]
-        if branches and removable[branches].all() and d[start, start + n - 1] < best:
-            best, pick = d[start, start + n - 1], branches
-    if pick is None:
-        raise ValueError(f"no window of {n} consecutive residual merges has removable branches and ends of equal "
-                         "shape; choose a smaller n or allow more edges in Context(removable=...)")
-    mask = np.ones(ctx.num_edges, dtype=np.float32)
-    mask[pick] = 0
-    return mask
 
 
 # ----------------------------------------------------------------------------------------------------

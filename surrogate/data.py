@@ -25,7 +25,7 @@ from .paths import atomic_path, cache_root
 __all__ = ["DATA_DIR_ENV", "resolve_data_dir", "data_cache_dir",
            "TeacherTaskConfig", "TeacherTask", "make_teacher_task", "teacher_logits",
            "CIFAR10_MEAN", "CIFAR10_STD", "load_cifar10", "normalize_cifar", "cifar_augment", "subset",
-           "WIKITEXT2_SPLITS", "load_wikitext2", "load_gpt2_tokenizer", "tokenize_lm"]
+           "WIKITEXT2_SPLITS", "load_wikitext2", "load_gpt2_tokenizer"]
 
 DATA_DIR_ENV = "SURROGATE_DATA_DIR"
 
@@ -327,17 +327,3 @@ def load_gpt2_tokenizer(data_dir: str | os.PathLike[str] | None = None) -> Any:
     except Exception as exc:  # noqa: BLE001
         raise _online_error("the GPT-2 tokenizer", "gpt2-tokenizer/{vocab.json,merges.txt}", exc) from exc
     return _checked_gpt2(tokenizer, "the Hugging Face Hub ('gpt2')")
-
-
-def tokenize_lm(text: str, tokenizer: Any, block_size: int) -> torch.Tensor:
-    """Token ids of the whole text cut into non-overlapping blocks: int64 (N, block_size), remainder dropped."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    # One call on the whole text (chunking could change the BPE split at chunk borders); verbose=False
-    # silences the "sequence longer than the model's maximum" warning, which is expected here.
-    ids = tokenizer(text, verbose=False)["input_ids"]
-    n = len(ids) // block_size
-    if n == 0:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than block_size={block_size}; "
-                         "use a longer text or a smaller block_size")
-    return torch.tensor(ids[:n * block_size], dtype=torch.long).view(n, block_size)

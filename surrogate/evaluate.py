@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .gating import _GATES_ATTR, GatedModel, check_mask, gate_indices
+from .graph import run_node
 from .measuring import measuring, model_device
 from .progress import Ticker
 from .tasks import Subset, Task, check_data, check_output
@@ -281,21 +282,8 @@ class _PrefixTree:
                   flat: Iterator[Any]) -> Any:
         if node.op == "placeholder":
             return next(flat)  # placeholders precede every split, so they run once per call
-        if node.op == "get_attr":
-            if node.target == _GATES_ATTR:
-                return None  # gate nodes get the mask of their group instead
-            value: Any = self.module
-            for name in str(node.target).split("."):
-                value = getattr(value, name)
-            return value
+        if node.op == "get_attr" and node.target == _GATES_ATTR:
+            return None  # gate nodes get the mask of their group instead
         if gate_indices(node) is not None:
             return node.target(env[node.args[0]], gates, *node.args[2:])
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.op == "call_module":
-            return self.module.get_submodule(node.target)(*args, **kwargs)
-        raise RuntimeError(f"cannot run fx node {node.format_node()} (op {node.op!r})")
+        return run_node(self.module, node, env.__getitem__)

@@ -34,7 +34,8 @@ import torch.nn as nn
 from .evaluate import MaskEval, Subset, Task, evaluate_masks
 from .gating import GatedModel
 from .graph import ComputationGraph, Edge, Vertex, build_graph
-from .masks import bernoulli_masks, exhaustive_masks, mask_text, prior_design, sparsity_masks, unique_rows
+from .masks import (bernoulli_masks, exhaustive_masks, mask_key, mask_text, prior_design, sparsity_masks,
+                    unique_rows)
 from .methods import METHODS, Context, Measured, Predictor, fit_method, measure_design, method_names
 from .metrics import evaluate_predictions, spearman
 from .progress import reporting
@@ -88,8 +89,8 @@ class MaskFamily:
             if self.connected:
                 m = m[graph.connected(m)]
             if exclude is not None and len(exclude):
-                seen = {r.astype(np.float32).tobytes() for r in exclude}
-                m = m[np.array([r.tobytes() not in seen for r in m], dtype=bool)]
+                seen = {mask_key(r) for r in exclude}
+                m = m[np.array([mask_key(r) not in seen for r in m], dtype=bool)]
             return m
         raise ValueError(f"unknown mask family kind {self.kind!r}; use 'bernoulli', 'removed' or 'exhaustive'")
 
@@ -253,10 +254,10 @@ def _experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluation
     union = unique_rows(np.vstack(list(tests.values())).astype(np.float32))  # a mask in two families: measured once
     say(f"truth of {len(union)} test masks ({', '.join(f'{len(m)} {p}' for p, m in tests.items())}) on "
         f"{len(evaluation)} evaluation samples")
-    row_of = {row.tobytes(): i for i, row in enumerate(union)}
+    row_of = {mask_key(row): i for i, row in enumerate(union)}
     both = ev(union, halves[0]), ev(union, halves[1])
     for p, m in tests.items():
-        rows = np.array([row_of[r.tobytes()] for r in m.astype(np.float32)])
+        rows = np.array([row_of[mask_key(r)] for r in m])
         a, b = (MaskEval(h.subset, h.n_samples, h.loss[rows], None if h.accuracy is None else h.accuracy[rows])
                 for h in both)
         loss = (a.loss * len(halves[0]) + b.loss * len(halves[1])) / len(evaluation)
@@ -313,7 +314,7 @@ def _experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluation
 
     # 4. budgeted pruning: true loss of each method's pick against the best achievable (masks whose truth
     # was measured above are not evaluated again)
-    known = {row.astype(np.float32).tobytes(): (float(l), float(a) if t.accuracy is not None else float("nan"))
+    known = {mask_key(row): (float(l), float(a) if t.accuracy is not None else float("nan"))
              for p, t in truth.items() for row, l, a in
              zip(tests[p], t.loss, t.accuracy if t.accuracy is not None else t.loss)}
     if config.budgets:
@@ -352,7 +353,7 @@ def _reusing(ev: Any, known: Mapping[bytes, tuple[float, float]]) -> Any:
     """``ev`` on the evaluation subset, answering masks whose (loss, accuracy) is already ``known``."""
     def run(masks: np.ndarray, sub: Subset) -> MaskEval:
         masks = np.asarray(masks, dtype=np.float32)
-        keys = [row.tobytes() for row in masks]
+        keys = [mask_key(row) for row in masks]
         todo = [i for i, k in enumerate(keys) if k not in known]
         new = ev(masks[todo], sub) if todo else None
         loss, acc = np.empty(len(masks)), np.empty(len(masks))
@@ -419,14 +420,14 @@ def _regret(config: ExperimentConfig, graph: ComputationGraph, allowed: np.ndarr
                 pool_acc = None if pool_acc is None else np.concatenate([pool_acc, swap_eval.accuracy])
         best_loss = float(pool_loss.min())
         accs = pool_acc if pool_acc is not None else np.full(len(pool), np.nan)
-        lookup = {row.astype(np.float32).tobytes(): (float(l), float(a)) for row, l, a in zip(pool, pool_loss, accs)}
+        lookup = {mask_key(row): (float(l), float(a)) for row, l, a in zip(pool, pool_loss, accs)}
         best_acc = float(np.nanmax(accs)) if pool_acc is not None else float("nan")
         best_mask = mask_text(pool[int(np.argmin(pool_loss))])
         best_acc_mask = mask_text(pool[int(np.nanargmax(accs))]) if pool_acc is not None else ""
 
         chosen_rows = []
         for name, mask in picks.items():
-            found = lookup.get(mask.astype(np.float32).tobytes())
+            found = lookup.get(mask_key(mask))
             if found is None:  # a pick outside the pool (exhaustive pools hold every candidate)
                 one = ev(mask[None], evaluation)
                 found = (float(one.loss[0]), float(one.accuracy[0]) if one.accuracy is not None else float("nan"))

@@ -13,6 +13,7 @@ prunable edge per attention head, named ``"... -> h.0.attn.c_proj[head 1]"``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
 import warnings
@@ -28,7 +29,8 @@ from torch.utils import _pytree as pytree
 
 from .measuring import measuring
 
-__all__ = ["Vertex", "Edge", "HeadSplit", "ComputationGraph", "TraceError", "build_graph", "trace"]
+__all__ = ["Vertex", "Edge", "HeadSplit", "ComputationGraph", "TraceError", "build_graph", "trace", "run_nodes",
+           "run_node"]
 
 
 class TraceError(RuntimeError):
@@ -288,12 +290,6 @@ class ComputationGraph:
     def output_vertex(self) -> str:
         return self.vertices[-1].name
 
-    def successors(self, name: str) -> list[str]:
-        return list(dict.fromkeys(e.dst for e in self.edges if e.src == name))  # head edges are parallel
-
-    def predecessors(self, name: str) -> list[str]:
-        return list(dict.fromkeys(e.src for e in self.edges if e.dst == name))
-
     def mask_from_removed(self, removed: Iterable[str | int]) -> torch.Tensor:
         """All-ones mask with the named (or indexed) prunable edges set to 0."""
         m = torch.ones(self.num_prunable)
@@ -321,25 +317,6 @@ class ComputationGraph:
                 reach[v.name] = reach[v.name] | (reach[e.src] & kept)
         out = reach[self.output_vertex]
         return out[0] if single else out
-
-    def paths(self, max_paths: int = 100_000) -> list[list[int]]:
-        """Input->output paths as lists of prunable-edge indices they cross (for small graphs)."""
-        gate = {e.name: i for i, e in enumerate(self.prunable)}
-        out_edges: dict[str, list[Edge]] = {}
-        for e in self.edges:
-            out_edges.setdefault(e.src, []).append(e)
-        result: list[list[int]] = []
-        stack = [(v, []) for v in self.input_vertices]
-        while stack:
-            v, crossed = stack.pop()
-            if v == self.output_vertex:
-                result.append(crossed)
-                if len(result) > max_paths:
-                    raise ValueError(f"more than {max_paths} input->output paths; use connected() instead")
-                continue
-            for e in out_edges.get(v, []):
-                stack.append((e.dst, crossed + ([gate[e.name]] if e.name in gate else [])))
-        return result
 
     def summary(self) -> str:
         kinds = {k: sum(v.kind == k for v in self.vertices) for k in ("input", "module", "op", "output")}
@@ -384,6 +361,21 @@ def run_nodes(module: fx.GraphModule, inputs: Sequence[Any], hook: Callable[[fx.
             return hook(n, lambda: super(_Hooked, self).run_node(n))
 
     return _Hooked(module).run(*inputs)
+
+
+def run_node(module: fx.GraphModule, node: fx.Node, value: Callable[[fx.Node], Any]) -> Any:
+    """Run one fx node of ``module`` (a call or an attribute read) with its input nodes' values given by
+    ``value``: re-running a node on other inputs, outside a whole pass."""
+    args, kwargs = fx.node.map_arg(node.args, value), fx.node.map_arg(node.kwargs, value)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module":
+        return module.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "get_attr":
+        return functools.reduce(getattr, str(node.target).split("."), module)
+    raise RuntimeError(f"cannot run fx node {node.format_node()} (op {node.op!r}) on its own")
 
 
 def _is_float(info: Any) -> bool:

@@ -9,8 +9,13 @@ import numpy as np
 
 from .graph import ComputationGraph
 
-__all__ = ["mask_text", "prior_design", "bernoulli_masks", "sparsity_masks", "exhaustive_masks", "pair_masks",
+__all__ = ["mask_key", "mask_text", "prior_design", "bernoulli_masks", "sparsity_masks", "exhaustive_masks",
            "all_masks_with_removed", "unique_rows"]
+
+
+def mask_key(mask: Sequence[float] | np.ndarray) -> bytes:
+    """A mask as bytes (its float32 values), to find it in a dict or a set whatever its dtype."""
+    return np.asarray(mask, dtype=np.float32).tobytes()
 
 
 def prior_design(num_edges: int) -> np.ndarray:
@@ -49,11 +54,11 @@ def sparsity_masks(graph: ComputationGraph, n: int, min_frac: float, max_frac: f
         if not ks:
             raise ValueError("no edge may be removed: check `allowed`")
     rng = np.random.default_rng(seed)
-    seen = {r.astype(np.float32).tobytes() for r in (exclude if exclude is not None else [])}
+    seen = {mask_key(r) for r in (exclude if exclude is not None else [])}
     space = sum(math.comb(a, k) for k in ks)
     if space <= enumerate_limit:
         cand = np.vstack([_embed(all_masks_with_removed(a, k), idx, e) for k in ks])
-        ok = np.array([r.tobytes() not in seen for r in cand])
+        ok = np.array([mask_key(r) not in seen for r in cand])
         if connected:
             ok &= graph.connected(cand)
         cand = cand[ok]
@@ -65,7 +70,7 @@ def sparsity_masks(graph: ComputationGraph, n: int, min_frac: float, max_frac: f
         k = int(rng.integers(ks[0], ks[-1] + 1)) if counts is None else int(rng.choice(ks))
         m = np.ones(e, dtype=np.float32)
         m[idx[rng.choice(a, size=k, replace=False)]] = 0
-        key = m.tobytes()
+        key = mask_key(m)
         if key in seen or (connected and not graph.connected(m)):
             continue
         seen.add(key)
@@ -92,18 +97,6 @@ def exhaustive_masks(num_edges: int, counts: Sequence[int] | None = None,
     idx = np.arange(num_edges) if allowed is None else np.flatnonzero(np.asarray(allowed, dtype=bool))
     ks = range(len(idx) + 1) if counts is None else sorted({int(k) for k in counts})
     return np.vstack([_embed(all_masks_with_removed(len(idx), k), idx, num_edges) for k in ks])
-
-
-def pair_masks(num_edges: int, n: int | None, seed: int) -> np.ndarray:
-    """Masks removing two edges: all pairs (n=None) or n random distinct pairs."""
-    pairs = list(itertools.combinations(range(num_edges), 2))
-    if n is not None and n < len(pairs):
-        rng = np.random.default_rng(seed)
-        pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), size=n, replace=False))]
-    out = np.ones((len(pairs), num_edges), dtype=np.float32)
-    for row, (a, b) in enumerate(pairs):
-        out[row, [a, b]] = 0
-    return out
 
 
 def all_masks_with_removed(num_edges: int, k: int, limit: int = 200_000) -> np.ndarray:

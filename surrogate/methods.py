@@ -28,7 +28,7 @@ from .evaluate import Subset, Task, evaluate_masks
 from .flow import measure_shares
 from .gating import GatedModel
 from .graph import ComputationGraph
-from .masks import prior_design
+from .masks import mask_key, prior_design
 from .readout import find_readout
 
 __all__ = ["Measured", "Context", "Predictor", "AdditivePredictor", "Method", "METHODS", "register_method",
@@ -77,8 +77,8 @@ class Measured:
 
     def rows(self, wanted: np.ndarray) -> list[int] | None:
         """Row of each ``wanted`` mask among the measured ones, or None if any of them was not measured."""
-        index = {row.tobytes(): i for i, row in enumerate(self.masks)}
-        rows = [index.get(np.asarray(w, dtype=np.float32).tobytes()) for w in wanted]
+        index = {mask_key(row): i for i, row in enumerate(self.masks)}
+        rows = [index.get(mask_key(w)) for w in wanted]
         return None if any(r is None for r in rows) else rows
 
     def head(self, k: int) -> "Measured":

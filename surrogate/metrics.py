@@ -7,16 +7,13 @@ straight into a results table or a LaTeX macro.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
 from scipy import stats
 
-__all__ = ["spearman", "kendall", "topk_size", "topk_overlap", "random_topk_overlap", "regret",
-           "paired_test", "summarize", "evaluate_predictions", "bootstrap_ci"]
-
-_REGRET_TOL = 1e-12  # float slack when the "best" loss was computed separately from the chosen one
+__all__ = ["spearman", "kendall", "topk_size", "topk_overlap", "paired_test", "evaluate_predictions",
+           "bootstrap_ci"]
 
 
 def _as_1d(x: Any, name: str) -> np.ndarray:
@@ -91,27 +88,12 @@ def topk_overlap(pred: Any, true: Any, frac: float) -> float:
 
     Tie-aware and exact: with ties broken uniformly at random, independently for pred and true, the
     expected overlap is sum_i P(i in predicted top-k) * P(i in true top-k), divided by k. So a constant
-    predictor scores exactly ``random_topk_overlap`` instead of whatever the sort order happens to be."""
+    predictor scores exactly k / n, the expected overlap of a random predictor, instead of whatever the sort
+    order happens to be."""
     p, t = _pair(pred, true, min_n=1)
     k = topk_size(p.size, frac)
     overlap = float(np.dot(_topk_membership(p, k), _topk_membership(t, k))) / k
     return min(1.0, max(0.0, overlap))  # clip float round-off only
-
-
-def random_topk_overlap(n: int, frac: float) -> float:
-    """Expected top-k overlap of a random predictor: k / n (each true top-k mask is picked w.p. k / n)."""
-    return topk_size(n, frac) / n
-
-
-def regret(chosen: float, best: float) -> float:
-    """True loss of the chosen mask minus the best true loss under the same budget (>= 0)."""
-    chosen, best = float(chosen), float(best)
-    if math.isnan(chosen) or math.isnan(best):
-        raise ValueError("regret of NaN losses")
-    if best > chosen + _REGRET_TOL:
-        raise ValueError(f"best is not the best: the search for the optimum missed a better mask "
-                         f"(chosen {chosen!r} < best {best!r})")
-    return chosen - best
 
 
 def paired_test(a: Any, b: Any) -> dict[str, float | int]:
@@ -139,19 +121,6 @@ def paired_test(a: Any, b: Any) -> dict[str, float | int]:
         ttest_p = 0.0 if np.all(d == d[0]) else float(stats.ttest_rel(x, y).pvalue)
     return {"n": n, "mean_diff": float(d.mean()), "wilcoxon_p": wilcoxon_p, "ttest_p": ttest_p,
             "sign_wins": int(np.sum(d > 0)), "sign_losses": int(np.sum(d < 0))}
-
-
-def summarize(values: Any) -> dict[str, float | int]:
-    """mean, std (ddof=1), n, sem and ci95 (half-width of the 95% t interval). A single value has std, sem
-    and ci95 0.0 rather than nan, so one-seed smoke runs still produce a table."""
-    v = _as_1d(values, "values")
-    n = int(v.size)
-    if n == 0:
-        raise ValueError("summarize of no values")
-    std = float(v.std(ddof=1)) if n > 1 else 0.0
-    sem = std / math.sqrt(n)
-    ci95 = float(stats.t.ppf(0.975, n - 1)) * sem if n > 1 else 0.0
-    return {"mean": float(v.mean()), "std": std, "n": n, "sem": sem, "ci95": ci95}
 
 
 def evaluate_predictions(pred: Any, true: Any, fracs: Sequence[float] = (0.05, 0.10)) -> dict[str, float]:

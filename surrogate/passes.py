@@ -19,14 +19,10 @@ import torch
 from .evaluate import evaluate_masks
 from .tasks import Subset, Task
 from .gating import GatedModel
+from .masks import mask_key
 from .progress import Ticker
 
-__all__ = ["LossOracle", "Meter", "BudgetExhausted", "mask_key"]
-
-
-def mask_key(mask: np.ndarray) -> bytes:
-    """A hashable key of one binary mask (float32 bytes of its 0/1 entries)."""
-    return np.asarray(mask, dtype=np.float32).tobytes()
+__all__ = ["LossOracle", "Meter", "BudgetExhausted"]
 
 
 class BudgetExhausted(RuntimeError):

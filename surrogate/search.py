@@ -29,7 +29,8 @@ import numpy as np
 
 from .graph import ComputationGraph
 from .metrics import kendall
-from .passes import BudgetExhausted, LossOracle, Meter, mask_key
+from .masks import mask_key
+from .passes import BudgetExhausted, LossOracle, Meter
 from .pruning import Budget, select_mask
 from .methods import AdditivePredictor, Predictor
 

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .passes import BudgetExhausted, Meter, mask_key
+from .masks import mask_key
+from .passes import BudgetExhausted, Meter
 from .readout import Tail, find_readout
 from .methods import Measured, Predictor
 from .search import Problem, Search, local_search, register_search

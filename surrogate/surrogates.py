@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .evaluate import evaluate_masks
 from .flow import FlowStructure
 from .graph import ComputationGraph
+from .masks import mask_key
 from .measuring import measuring, model_device
 from .methods import Context, Measured, Method, Predictor, _as_masks, register_method
 from .progress import Ticker
@@ -49,7 +50,7 @@ class Surrogate(Predictor):
         if measured is None or len(measured) == 0:
             raise ValueError(f"the {self.name!r} surrogate is fitted on measured masks: measure some with "
                              "evaluate_masks and pass Measured.of(masks, result) (in the Context or to fit)")
-        m, y = _check_fit(measured.masks, measured.losses, self.num_edges)
+        m, y = _as_masks(measured.masks, self.num_edges), measured.losses  # losses checked by Measured
         self.measured = measured
         return self._fit(m, y)
 
@@ -61,16 +62,6 @@ class Surrogate(Predictor):
         e = self.num_edges
         preds = self.predict(np.vstack([np.ones(e), 1 - np.eye(e)]))
         return preds[1:] - preds[0]
-
-
-def _check_fit(masks: Any, losses: Any, e: int) -> tuple[np.ndarray, np.ndarray]:
-    m = _as_masks(masks, e)
-    y = np.asarray(losses, dtype=np.float64).reshape(-1)
-    if len(y) != len(m):
-        raise ValueError(f"{len(m)} masks but {len(y)} losses")
-    if not np.isfinite(y).all():
-        raise ValueError("losses contain NaN or infinite values")
-    return m, y
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -412,7 +403,7 @@ class SuperpositionSurrogate(Surrogate):
         """Predicted loss of each mask. A mask predicted before is answered from memory (each prediction runs
         the loss, or the true tail, on every scoring sample; mask searches ask for the same masks repeatedly)."""
         m = _as_masks(masks, self.num_edges)
-        keys = [row.astype(np.float32).tobytes() for row in m]
+        keys = [mask_key(row) for row in m]
         first: dict[bytes, int] = {}  # each new mask once, even if asked several times in this call
         for i, k in enumerate(keys):
             if k not in self._memo:

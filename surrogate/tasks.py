@@ -103,9 +103,6 @@ class Task:
             return tok.view(labels.shape).mean(1), correct
         return (out - target.to(out.dtype)).pow(2).flatten(1).sum(1), None
 
-    def targets_of(self, inputs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return inputs if self.kind == "lm" else labels
-
 
 # ----------------------------------------------------------------------------------------------------
 # subsets

@@ -198,36 +198,6 @@ def test_block_influence_of_a_concatenation_is_its_energy_share():
         assert bi[i] == pytest.approx(float((1 - (1 - share).sqrt()).mean()), abs=1e-6)
 
 
-def test_angular_window_on_the_residual_stream(mlp, cnn, gpt2):
-    model, ctx = mlp
-    with torch.no_grad():
-        h0, _, h1, _, h2 = model.streams(ctx.scoring.inputs)
-    d = B.angular_distances(_fresh(ctx))
-    angle = lambda u, v: float(torch.arccos(_cos(u, v).clamp(-1, 1)).mean() / math.pi)  # noqa: E731
-    np.testing.assert_allclose(d, [[angle(h0, h1), angle(h0, h2)], [np.inf, angle(h1, h2)]], atol=1e-6)
-    branches = [_edge(ctx, "f1.2"), _edge(ctx, "f2.2")]
-    one = B.angular_window(_fresh(ctx), 1)
-    assert (one == 0).sum() == 1 and one[branches[int(np.argmin(np.diag(d)))]] == 0
-    two = B.angular_window(_fresh(ctx), 2)
-    assert set(np.flatnonzero(two == 0)) == set(branches)
-    only = np.zeros(ctx.num_edges, dtype=bool)
-    only[branches[0]] = True  # windows must lie within the removable edges
-    assert np.flatnonzero(B.angular_window(_fresh(ctx, removable=only), 1) == 0).tolist() == [branches[0]]
-    with pytest.raises(ValueError, match="no window of 2"):
-        B.angular_window(_fresh(ctx, removable=only), 2)
-    for _, c in (cnn, gpt2):
-        chain = B.residual_chain(c.graph)
-        assert all(len(b) == 1 for _, _, b in chain)
-        m = B.angular_window(_fresh(c), 2)
-        assert (m == 0).sum() == 2 and c.graph.connected(m)
-
-
-def test_angular_window_needs_a_residual_stream():
-    ctx = _context(_Branches(), torch.randn(4, 3), torch.zeros(4, 10), Task("regression"))
-    with pytest.raises(ValueError, match="residual"):
-        B.angular_window(ctx, 1)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Taylor+ and SynFlow
 

@@ -17,7 +17,7 @@ import torch
 from surrogate import data as D
 from surrogate.data import (DATA_DIR_ENV, TeacherTaskConfig, load_cifar10, load_gpt2_tokenizer,
                             load_wikitext2, make_teacher_task, normalize_cifar, resolve_data_dir, subset,
-                            teacher_logits, tokenize_lm)
+                            teacher_logits)
 
 SMALL = TeacherTaskConfig(n_train=300, n_val=100, n_score=100, n_test=500, seed=3)
 
@@ -270,12 +270,3 @@ def test_wikitext_split_names(data_dir: Path) -> None:
     with pytest.raises(ValueError, match="split"):
         load_wikitext2("dev", data_dir)
 
-
-def test_tokenize_lm_blocks(data_dir: Path, tokenizer) -> None:
-    blocks = tokenize_lm(load_wikitext2("test", data_dir), tokenizer, block_size=1024)
-    assert blocks.shape == (287_644 // 1024, 1024) and blocks.dtype == torch.int64
-    short = tokenize_lm("Hello world" * 10, tokenizer, block_size=6)
-    assert short.flatten().tolist() == [15496, 995] * 9  # 20 tokens -> 3 blocks of 6, 2 dropped
-    assert short.shape == (3, 6)
-    with pytest.raises(ValueError, match="block_size"):
-        tokenize_lm("Hello", tokenizer, block_size=8)

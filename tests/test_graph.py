@@ -327,10 +327,27 @@ def test_pruned_model_is_independent_of_original():
 # ---------------------------------------------------------------------------------------------------
 # connectivity
 
+def _paths(graph) -> list[list[int]]:
+    """Input->output paths as lists of the prunable-edge indices they cross, enumerated (the reference)."""
+    gate = {e.name: i for i, e in enumerate(graph.prunable)}
+    out_edges: dict[str, list] = {}
+    for e in graph.edges:
+        out_edges.setdefault(e.src, []).append(e)
+    result, stack = [], [(v, []) for v in graph.input_vertices]
+    while stack:
+        v, crossed = stack.pop()
+        if v == graph.output_vertex:
+            result.append(crossed)
+            continue
+        for e in out_edges.get(v, []):
+            stack.append((e.dst, crossed + ([gate[e.name]] if e.name in gate else [])))
+    return result
+
+
 def test_connectivity_agrees_with_path_enumeration():
     net, x = _random_graph()
     graph = build_graph(net, x, vertices=(Block,), edges="all")
-    paths = graph.paths()
+    paths = _paths(graph)
     gen = torch.Generator().manual_seed(0)
     masks = (torch.rand(200, graph.num_prunable, generator=gen) < 0.5)
     brute = [any(all(m[i] for i in p) for p in paths) for m in masks]
@@ -409,7 +426,7 @@ def test_head_edges_connectivity():
     heads0 = [_head_edge(graph, 0, k) for k in range(2)]
     assert graph.connected(graph.mask_from_removed([skip, heads0[0]]))          # one head still carries it
     assert not graph.connected(graph.mask_from_removed([skip] + heads0))        # all heads gone: path cut
-    paths = graph.paths()
+    paths = _paths(graph)
     gen = torch.Generator().manual_seed(0)
     masks = torch.rand(100, graph.num_prunable, generator=gen) < 0.5
     assert graph.connected(masks).tolist() == [any(all(m[i] for i in p) for p in paths) for m in masks]

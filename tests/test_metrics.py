@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from surrogate.metrics import (evaluate_predictions, kendall, paired_test, random_topk_overlap, regret, spearman,
-                               summarize, topk_overlap, topk_size)
+from surrogate.metrics import evaluate_predictions, kendall, paired_test, spearman, topk_overlap, topk_size
 
 
 def _brute_force_topk_overlap(pred: np.ndarray, true: np.ndarray, k: int) -> float:
@@ -109,7 +108,6 @@ def test_topk_constant_predictor_is_exactly_random() -> None:
     for n, frac in ((20, 0.05), (20, 0.1), (37, 0.1), (100, 0.05)):
         true = rng.normal(size=n)
         expected = topk_size(n, frac) / n
-        assert random_topk_overlap(n, frac) == expected
         assert topk_overlap(np.zeros(n), true, frac) == pytest.approx(expected, abs=1e-15)
 
 
@@ -142,19 +140,7 @@ def test_topk_matches_brute_force_enumeration(seed: int) -> None:
         assert got == pytest.approx(_brute_force_topk_overlap(pred, true, k), abs=1e-12)
 
 
-# --- regret --------------------------------------------------------------------------------------------
-
-def test_regret() -> None:
-    assert regret(1.5, 1.0) == 0.5
-    assert regret(1.0, 1.0) == 0.0
-    assert regret(1.0, 1.0 + 1e-13) == pytest.approx(0.0, abs=1e-12)  # float slack
-    with pytest.raises(ValueError, match="best is not the best"):
-        regret(1.0, 1.1)
-    with pytest.raises(ValueError):
-        regret(float("nan"), 1.0)
-
-
-# --- paired tests and summaries ------------------------------------------------------------------------
+# --- paired tests ------------------------------------------------------------------------------------
 
 def test_paired_test_all_wins_hits_exact_floor() -> None:
     b = np.arange(10.0)
@@ -192,19 +178,6 @@ def test_paired_test_degenerate_cases() -> None:
     assert 0.0 < res["wilcoxon_p"] <= 1.0
     with pytest.raises(ValueError):
         paired_test([1.0], [2.0])
-
-
-def test_summarize_matches_numpy() -> None:
-    v = np.random.default_rng(4).normal(size=10)
-    s = summarize(v)
-    assert s["n"] == 10
-    assert s["mean"] == pytest.approx(v.mean())
-    assert s["std"] == pytest.approx(v.std(ddof=1))
-    assert s["sem"] == pytest.approx(v.std(ddof=1) / np.sqrt(10))
-    lo, hi = stats.t.interval(0.95, 9, loc=v.mean(), scale=stats.sem(v))
-    assert s["ci95"] == pytest.approx((hi - lo) / 2)
-    one = summarize([2.5])
-    assert one == {"mean": 2.5, "std": 0.0, "n": 1, "sem": 0.0, "ci95": 0.0}
 
 
 def test_evaluate_predictions_keys_and_values() -> None:
