@@ -32,11 +32,10 @@ import numpy as np
 import torch.nn as nn
 
 from .evaluate import MaskEval, Subset, Task, evaluate_masks
-from .gating import GatedModel
 from .graph import ComputationGraph, Edge, Vertex, build_graph
 from .masks import (bernoulli_masks, exhaustive_masks, mask_key, mask_text, prior_design, sparsity_masks,
                     unique_rows)
-from .methods import METHODS, Context, Measured, Predictor, fit_method, measure_design, method_names
+from .methods import METHODS, Context, Measured, Predictor, fit_method, fitting_context, method_names
 from .metrics import evaluate_predictions, spearman
 from .progress import reporting
 from .pruning import Budget, select_mask
@@ -166,6 +165,7 @@ class GraphView:
     def edge_names(self) -> list[str]:
         return [e.name for e in self.prunable]
 
+
 @dataclass
 class ExperimentResult:
     """Tidy records (lists of dicts, one row per model x method x protocol / budget / extra masks) and what
@@ -220,42 +220,77 @@ def _experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluation
                 log: Any) -> ExperimentResult:
     say = log or (lambda msg: None)
     mseed = seed if mask_seed is None else mask_seed
-    key = dict(key or {})
-    if isinstance(model, ComputationGraph):
-        graph = model
-    else:
-        go = config.graph
-        graph = build_graph(model, scoring[:go.example_batch].args(model), vertices=go.vertices, edges=go.edges,
-                            heads=go.heads, exclude=go.exclude)
-    gated = GatedModel(graph)
+    graph = model if isinstance(model, ComputationGraph) else _build(model, scoring, config.graph)
     e = graph.num_prunable
-    ev = lambda m, sub: evaluate_masks(gated, m, sub, task, batch_size=config.eval_batch,  # noqa: E731
-                                       strategy=config.eval_strategy)
-    key = {**key, "edges": e}
-    methods = list(config.methods)
+    key = {**dict(key or {}), "edges": e}
+    removable = _allowed(graph, config.budget_edges)
+    max_removed = max((_budget_edges(config, b, int(removable.sum())) for b in config.budgets), default=None)
 
     # 1. the fitting design, measured once; outputs kept if a method is built from them
     fit = prior_design(e)
     say(f"measuring {len(fit)} fitting masks on {len(scoring)} scoring samples")
-    measured = measure_design(gated, scoring, task, methods, fit, batch_size=config.eval_batch)
-    nf = len(config.families)
-    tests = {f.name: f.draw(graph, mseed + 1 + i, exclude=fit) for i, f in enumerate(config.families)}
+    ctx = fitting_context(graph, scoring, task, config.methods, fit, seed=seed, batch_size=config.eval_batch,
+                          context_batch=config.context_batch, removable=removable, max_removed=max_removed)
+    ev = lambda m, sub: evaluate_masks(ctx.gated, m, sub, task, batch_size=config.eval_batch,  # noqa: E731
+                                       strategy=config.eval_strategy)
+    tests = _test_masks(graph, config.families, mseed, fit)
+
+    # 2. the truth, and what it says about the model
+    truth, ceiling = _truth(ev, tests, evaluation, say)
+    info = _info(graph, key, ev, evaluation, tests, ceiling)
+
+    # 3. every method on one context; ranking on every family
+    fitted = _rank(ctx, config, tests, truth, key, say)
+
+    # 4. budgeted pruning: true loss of each method's pick against the best achievable (masks whose truth
+    # was measured above are not evaluated again)
+    if config.budgets:
+        say(f"budgeted picks of {len(fitted.predictors)} methods at {len(config.budgets)} budgets")
+    regret = _regret(config, graph, removable, fitted.predictors, _reusing(ev, _known(tests, truth)), evaluation,
+                     mseed, key, say)
+    for r in regret:
+        r.update(fitted.passes[r["method"]])
+
+    # 5. sample efficiency: measured masks of each family added to the prior design
+    efficiency = _efficiency(ctx, config, tests, truth, ev, mseed, key, say)
+
+    example = {"graph": GraphView.of(graph), "edge_names": graph.edge_names,
+               "importance": {n: np.asarray(p.importance, dtype=np.float64) for n, p in fitted.predictors.items()},
+               "masks": tests, "truth": {p: t.loss for p, t in truth.items()},
+               "truth_accuracy": {p: t.accuracy for p, t in truth.items()}, "predictions": fitted.predictions}
+    return ExperimentResult(info, fitted.protocols, fitted.by_k, regret, efficiency, example)
+
+
+def _build(model: nn.Module, scoring: Subset, go: GraphOptions) -> ComputationGraph:
+    return build_graph(model, scoring[:go.example_batch].args(model), vertices=go.vertices, edges=go.edges,
+                       heads=go.heads, exclude=go.exclude)
+
+
+def _test_masks(graph: ComputationGraph, families: tuple[MaskFamily, ...], seed: int,
+                fit: np.ndarray) -> dict[str, np.ndarray]:
+    """Each family's held-out test masks (family i drawn with seed ``seed + 1 + i``)."""
+    tests = {f.name: f.draw(graph, seed + 1 + i, exclude=fit) for i, f in enumerate(families)}
     for name, m in tests.items():
         if len(m) < 3:
             raise ValueError(f"mask family {name!r} has {len(m)} masks on this graph; at least 3 are needed to rank")
+    return tests
 
-    # 2. the truth on the two halves of the evaluation subset: their agreement bounds how well any
-    # predictor can rank the test masks (the noise ceiling), at no extra cost
+
+def _truth(ev: Any, tests: Mapping[str, np.ndarray], evaluation: Subset,
+           say: Any) -> tuple[dict[str, MaskEval], dict[str, float]]:
+    """The true loss (and accuracy) of every family's test masks on the evaluation subset, measured on its two
+    halves: their agreement bounds how well any predictor can rank the test masks (the noise ceiling), at no
+    extra cost. A mask in two families is measured once."""
     half = len(evaluation) // 2
     halves = (replace(evaluation[:half], name=f"{evaluation.name}[:half]"),
               replace(evaluation[half:], name=f"{evaluation.name}[half:]"))
-    truth: dict[str, MaskEval] = {}
-    ceiling: dict[str, float] = {}
-    union = unique_rows(np.vstack(list(tests.values())).astype(np.float32))  # a mask in two families: measured once
+    union = unique_rows(np.vstack(list(tests.values())).astype(np.float32))
     say(f"truth of {len(union)} test masks ({', '.join(f'{len(m)} {p}' for p, m in tests.items())}) on "
         f"{len(evaluation)} evaluation samples")
     row_of = {mask_key(row): i for i, row in enumerate(union)}
     both = ev(union, halves[0]), ev(union, halves[1])
+    truth: dict[str, MaskEval] = {}
+    ceiling: dict[str, float] = {}
     for p, m in tests.items():
         rows = np.array([row_of[mask_key(r)] for r in m])
         a, b = (MaskEval(h.subset, h.n_samples, h.loss[rows], None if h.accuracy is None else h.accuracy[rows])
@@ -265,8 +300,16 @@ def _experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluation
         truth[p] = MaskEval(evaluation.name, len(evaluation), loss, acc)
         r = spearman(a.loss, b.loss)
         ceiling[p] = float(np.sqrt(max(0.0, 2 * r / (1 + r)))) if r > -1 else 0.0  # Spearman-Brown, sqrt
+    return truth, ceiling
+
+
+def _info(graph: ComputationGraph, key: Mapping[str, Any], ev: Any, evaluation: Subset,
+          tests: Mapping[str, np.ndarray], ceiling: Mapping[str, float]) -> dict[str, Any]:
+    """The model's record: its size, its loss with every edge kept and with every edge removed, the share of
+    connected test masks and the noise ceiling of each family."""
+    e = graph.num_prunable
     full = ev(np.ones((1, e)), evaluation)
-    info = {**key, "vertices": len(graph.vertices), "params": sum(p.numel() for p in graph.module.parameters()),
+    return {**key, "vertices": len(graph.vertices), "params": sum(p.numel() for p in graph.module.parameters()),
             "test_loss": float(full.loss[0]),
             "test_acc": float(full.accuracy[0]) if full.accuracy is not None else float("nan"),
             "loss_all_removed": float(ev(np.zeros((1, e)), evaluation).loss[0]),
@@ -274,79 +317,91 @@ def _experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluation
             **{f"{p}_n_masks": len(m) for p, m in tests.items()},
             **{f"ceiling_{p}": c for p, c in ceiling.items()}}
 
-    # 3. every method on one context; ranking on every family
-    removable = _allowed(graph, config.budget_edges)
-    max_removed = max(_budget_edges(config, b, int(removable.sum())) for b in config.budgets) if config.budgets else None
-    ctx = Context(graph, gated, scoring, task, measured, seed=seed, batch_size=config.context_batch,
-                  removable=None if removable.all() else removable, max_removed=max_removed)
-    conn = {p: graph.connected(m) for p, m in tests.items()}
+
+@dataclass
+class _Fitted:
+    """Every method fitted on one context, and how it ranks the test masks."""
+    predictors: dict[str, Predictor] = field(default_factory=dict)
+    passes: dict[str, dict[str, int]] = field(default_factory=dict)
+    predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # family -> method -> (M,)
+    protocols: list[dict[str, Any]] = field(default_factory=list)
+    by_k: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _rank(ctx: Context, config: ExperimentConfig, tests: Mapping[str, np.ndarray],
+          truth: Mapping[str, MaskEval], key: Mapping[str, Any], say: Any) -> _Fitted:
+    """Fit every method of ``config`` on ``ctx`` and compare its predictions with the truth of each family:
+    overall, among connected masks, and within each number of removed edges."""
+    out = _Fitted(predictions={p: {} for p in tests})
+    conn = {p: ctx.graph.connected(m) for p, m in tests.items()}
     removed = {p: (m == 0).sum(1) for p, m in tests.items()}
-    protocols: list[dict[str, Any]] = []
-    by_k: list[dict[str, Any]] = []
-    predictors: dict[str, Predictor] = {}
-    all_passes: dict[str, dict[str, int]] = {}
-    predictions: dict[str, dict[str, np.ndarray]] = {p: {} for p in tests}
-    for i, name in enumerate(methods):
-        say(f"method {name} ({i + 1}/{len(methods)})")
+    for i, name in enumerate(config.methods):
+        say(f"method {name} ({i + 1}/{len(config.methods)})")
         pred, seconds = _timed(lambda: fit_method(name, ctx))
         if seconds > 60:
             say(f"method {name}: fitted in {seconds / 60:.1f} min")
-        predictors[name] = pred
-        passes = all_passes[name] = METHODS[name].passes_in(ctx)
+        out.predictors[name] = pred
+        passes = out.passes[name] = METHODS[name].passes_in(ctx)
         if not METHODS[name].predicts:  # a search method: its picks count, its "predictions" do not
             continue
         for p, m in tests.items():
             yhat = np.asarray(pred.predict(m), dtype=np.float64)
-            predictions[p][name] = yhat
+            out.predictions[p][name] = yhat
             y = truth[p].loss
             metrics = evaluate_predictions(yhat, y)
             c = conn[p]
             metrics["spearman_connected"] = spearman(yhat[c], y[c]) if c.sum() >= 3 else float("nan")
             metrics["spearman_within_k"] = within_k_spearman(yhat, y, removed[p])
-            protocols.append({**key, "protocol": p, "method": name, "seconds": seconds, **metrics, **passes})
-            for k in range(1, config.max_k_breakdown + 1):
-                sel = removed[p] >= k if k == config.max_k_breakdown else removed[p] == k
-                if sel.sum() >= 3:
-                    by_k.append({**key, "protocol": p, "method": name,
-                                 "removed": f"{k}+" if k == config.max_k_breakdown else str(k),
-                                 "n_masks": int(sel.sum()), "spearman": spearman(yhat[sel], y[sel]),
-                                 "spearman_within_k": within_k_spearman(yhat[sel], y[sel], removed[p][sel])})
+            out.protocols.append({**key, "protocol": p, "method": name, "seconds": seconds, **metrics, **passes})
+            out.by_k += _by_k(config.max_k_breakdown, yhat, y, removed[p], {**key, "protocol": p, "method": name})
+    return out
 
-    # 4. budgeted pruning: true loss of each method's pick against the best achievable (masks whose truth
-    # was measured above are not evaluated again)
-    known = {mask_key(row): (float(l), float(a) if t.accuracy is not None else float("nan"))
-             for p, t in truth.items() for row, l, a in
-             zip(tests[p], t.loss, t.accuracy if t.accuracy is not None else t.loss)}
-    if config.budgets:
-        say(f"budgeted picks of {len(predictors)} methods at {len(config.budgets)} budgets")
-    regret = _regret(config, graph, removable, predictors, _reusing(ev, known), evaluation, mseed, key, say)
-    for r in regret:
-        r.update(all_passes[r["method"]])
 
-    # 5. sample efficiency: measured masks of each family added to the prior design
-    efficiency: list[dict[str, Any]] = []
-    if config.extra_k and config.k_methods:
-        for i, f in enumerate(config.families):
-            extra = replace(f, n=max(config.extra_k))
-            pool = extra.draw(graph, mseed + 1 + nf + i, exclude=np.vstack([fit, tests[f.name]])) \
-                if f.kind != "exhaustive" else np.zeros((0, e), dtype=np.float32)
-            say(f"sample efficiency: {len(pool)} extra {f.name} masks")
-            extra_loss = ev(pool, scoring).loss if len(pool) else np.zeros(0)
-            for k in config.extra_k:
-                k_eff = min(k, len(pool))
-                kctx = ctx.with_measured(Measured(np.vstack([fit, pool[:k_eff]]),
-                                                  np.concatenate([measured.losses, extra_loss[:k_eff]])))
-                for name in config.k_methods:
-                    pred, seconds = _timed(lambda: fit_method(name, kctx))
-                    metrics = evaluate_predictions(pred.predict(tests[f.name]), truth[f.name].loss)
-                    efficiency.append({**key, "protocol": f.name, "method": name, "extra": k,
-                                       "K": len(kctx.measured), "seconds": seconds, **metrics})
+def _by_k(max_k: int, yhat: np.ndarray, y: np.ndarray, removed: np.ndarray,
+          key: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rank agreement among the masks that remove k = 1, 2, ..., ``max_k`` or more edges (groups of 3 or more)."""
+    rows = []
+    for k in range(1, max_k + 1):
+        sel = removed >= k if k == max_k else removed == k
+        if sel.sum() >= 3:
+            rows.append({**key, "removed": f"{k}+" if k == max_k else str(k), "n_masks": int(sel.sum()),
+                         "spearman": spearman(yhat[sel], y[sel]),
+                         "spearman_within_k": within_k_spearman(yhat[sel], y[sel], removed[sel])})
+    return rows
 
-    example = {"graph": GraphView.of(graph), "edge_names": graph.edge_names,
-               "importance": {n: np.asarray(p.importance, dtype=np.float64) for n, p in predictors.items()},
-               "masks": tests, "truth": {p: t.loss for p, t in truth.items()},
-               "truth_accuracy": {p: t.accuracy for p, t in truth.items()}, "predictions": predictions}
-    return ExperimentResult(info, protocols, by_k, regret, efficiency, example)
+
+def _known(tests: Mapping[str, np.ndarray], truth: Mapping[str, MaskEval]) -> dict[bytes, tuple[float, float]]:
+    """(loss, accuracy) of every test mask, by mask: the budget searches do not measure them again."""
+    return {mask_key(row): (float(l), float(a) if t.accuracy is not None else float("nan"))
+            for p, t in truth.items() for row, l, a in
+            zip(tests[p], t.loss, t.accuracy if t.accuracy is not None else t.loss)}
+
+
+def _efficiency(ctx: Context, config: ExperimentConfig, tests: Mapping[str, np.ndarray],
+                truth: Mapping[str, MaskEval], ev: Any, seed: int, key: Mapping[str, Any],
+                say: Any) -> list[dict[str, Any]]:
+    """The ``k_methods`` refitted with ``extra_k`` measured masks of each family added to the fitting design
+    (family i's extra masks drawn with seed ``seed + 1 + F + i``), against that family's truth."""
+    rows: list[dict[str, Any]] = []
+    if not (config.extra_k and config.k_methods):
+        return rows
+    fit, e, nf = ctx.measured.masks, ctx.num_edges, len(config.families)
+    for i, f in enumerate(config.families):
+        extra = replace(f, n=max(config.extra_k))
+        pool = extra.draw(ctx.graph, seed + 1 + nf + i, exclude=np.vstack([fit, tests[f.name]])) \
+            if f.kind != "exhaustive" else np.zeros((0, e), dtype=np.float32)
+        say(f"sample efficiency: {len(pool)} extra {f.name} masks")
+        extra_loss = ev(pool, ctx.scoring).loss if len(pool) else np.zeros(0)
+        for k in config.extra_k:
+            k_eff = min(k, len(pool))
+            kctx = ctx.with_measured(Measured(np.vstack([fit, pool[:k_eff]]),
+                                              np.concatenate([ctx.measured.losses, extra_loss[:k_eff]])))
+            for name in config.k_methods:
+                pred, seconds = _timed(lambda: fit_method(name, kctx))
+                metrics = evaluate_predictions(pred.predict(tests[f.name]), truth[f.name].loss)
+                rows.append({**key, "protocol": f.name, "method": name, "extra": k,
+                             "K": len(kctx.measured), "seconds": seconds, **metrics})
+    return rows
 
 
 def _reusing(ev: Any, known: Mapping[bytes, tuple[float, float]]) -> Any:
@@ -376,7 +431,8 @@ def _regret(config: ExperimentConfig, graph: ComputationGraph, allowed: np.ndarr
             predictors: Mapping[str, Predictor], ev: Any,
             evaluation: Subset, seed: int, key: Mapping[str, Any],
             say: Any = lambda msg: None) -> list[dict[str, Any]]:
-    e = graph.num_prunable
+    """Each method's pick at each budget, its true loss against the best mask found (budget b's search
+    seeded with ``seed + 100 + b``): one record per budget and method."""
     idx = np.flatnonzero(allowed)
     rows: list[dict[str, Any]] = []
     for budget in config.budgets:
@@ -391,59 +447,76 @@ def _regret(config: ExperimentConfig, graph: ComputationGraph, allowed: np.ndarr
         say(f"budget {budget}: {b} of {len(idx)} edges removed; methods' picks made, searching the "
             f"{'exhaustive' if exhaustive else 'sampled'} pool for the best mask")
         rng = np.random.default_rng(seed + 100 + b)
-        if exhaustive:
-            pool = exhaustive_masks(e, (b,), allowed)
-            if config.connected_picks:
-                pool = pool[graph.connected(pool)]
-        else:
-            rand = np.ones((config.search_random, e), dtype=np.float32)
-            for row in rand:
-                row[idx[rng.choice(len(idx), size=b, replace=False)]] = 0
-            if config.connected_picks:
-                rand = rand[graph.connected(rand)]
-            pool = unique_rows(np.vstack([np.stack(list(picks.values())), rand]))
-        pool_eval = ev(pool, evaluation)
-        pool_loss, pool_acc = pool_eval.loss, pool_eval.accuracy
-        if not exhaustive and config.search_swaps:  # swap moves around the best mask found so far
-            best = pool[int(np.argmin(pool_loss))]
-            swaps = np.repeat(best[None], config.search_swaps, 0)
-            for row in swaps:
-                row[rng.choice(np.flatnonzero((row == 0) & allowed))] = 1
-                row[rng.choice(np.flatnonzero((row == 1) & allowed))] = 0
-            if config.connected_picks:
-                swaps = swaps[graph.connected(swaps)]
-            swaps = unique_rows(swaps)
-            if len(swaps):
-                pool = np.vstack([pool, swaps])
-                swap_eval = ev(swaps, evaluation)
-                pool_loss = np.concatenate([pool_loss, swap_eval.loss])
-                pool_acc = None if pool_acc is None else np.concatenate([pool_acc, swap_eval.accuracy])
-        best_loss = float(pool_loss.min())
-        accs = pool_acc if pool_acc is not None else np.full(len(pool), np.nan)
-        lookup = {mask_key(row): (float(l), float(a)) for row, l, a in zip(pool, pool_loss, accs)}
-        best_acc = float(np.nanmax(accs)) if pool_acc is not None else float("nan")
-        best_mask = mask_text(pool[int(np.argmin(pool_loss))])
-        best_acc_mask = mask_text(pool[int(np.nanargmax(accs))]) if pool_acc is not None else ""
+        pool, pool_loss, pool_acc = _search(config, graph, allowed, b, picks, exhaustive, ev, evaluation, rng)
+        frac = budget if config.budget_unit == "fraction" else b / len(idx)
+        rows += _against_best(picks, pool, pool_loss, pool_acc, ev, evaluation,
+                              {**key, "budget_frac": frac, "removed": b}, exhaustive)
+    return rows
 
-        chosen_rows = []
-        for name, mask in picks.items():
-            found = lookup.get(mask_key(mask))
-            if found is None:  # a pick outside the pool (exhaustive pools hold every candidate)
-                one = ev(mask[None], evaluation)
-                found = (float(one.loss[0]), float(one.accuracy[0]) if one.accuracy is not None else float("nan"))
-            chosen, chosen_acc = found
-            if chosen < best_loss:
-                best_loss, best_mask = chosen, mask_text(mask)
-            if not math.isnan(chosen_acc) and chosen_acc > best_acc:
-                best_acc, best_acc_mask = chosen_acc, mask_text(mask)
-            frac = budget if config.budget_unit == "fraction" else b / len(idx)
-            chosen_rows.append({**key, "budget_frac": frac, "removed": b, "method": name,
-                                "chosen_loss": chosen, "chosen_accuracy": chosen_acc, "exhaustive": exhaustive,
-                                "pool": len(pool), "mask": "".join(str(int(v)) for v in mask)})
-        for r in chosen_rows:
-            r["best_loss"] = best_loss
-            r["regret"] = r["chosen_loss"] - best_loss
-            r["best_accuracy"] = best_acc  # the most accurate mask found (the accuracy oracle)
-            r["best_mask"], r["best_accuracy_mask"] = best_mask, best_acc_mask
-        rows.extend(chosen_rows)
+
+def _search(config: ExperimentConfig, graph: ComputationGraph, allowed: np.ndarray, b: int,
+            picks: Mapping[str, np.ndarray], exhaustive: bool, ev: Any, evaluation: Subset,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The pool of masks removing ``b`` allowed edges in which the best is searched, with its true losses and
+    accuracies: every such mask, or the picks, random masks and swap moves around the best of them."""
+    e, idx = graph.num_prunable, np.flatnonzero(allowed)
+    if exhaustive:
+        pool = exhaustive_masks(e, (b,), allowed)
+        if config.connected_picks:
+            pool = pool[graph.connected(pool)]
+    else:
+        rand = np.ones((config.search_random, e), dtype=np.float32)
+        for row in rand:
+            row[idx[rng.choice(len(idx), size=b, replace=False)]] = 0
+        if config.connected_picks:
+            rand = rand[graph.connected(rand)]
+        pool = unique_rows(np.vstack([np.stack(list(picks.values())), rand]))
+    pool_eval = ev(pool, evaluation)
+    pool_loss, pool_acc = pool_eval.loss, pool_eval.accuracy
+    if not exhaustive and config.search_swaps:  # swap moves around the best mask found so far
+        best = pool[int(np.argmin(pool_loss))]
+        swaps = np.repeat(best[None], config.search_swaps, 0)
+        for row in swaps:
+            row[rng.choice(np.flatnonzero((row == 0) & allowed))] = 1
+            row[rng.choice(np.flatnonzero((row == 1) & allowed))] = 0
+        if config.connected_picks:
+            swaps = swaps[graph.connected(swaps)]
+        swaps = unique_rows(swaps)
+        if len(swaps):
+            pool = np.vstack([pool, swaps])
+            swap_eval = ev(swaps, evaluation)
+            pool_loss = np.concatenate([pool_loss, swap_eval.loss])
+            pool_acc = None if pool_acc is None else np.concatenate([pool_acc, swap_eval.accuracy])
+    return pool, pool_loss, pool_acc
+
+
+def _against_best(picks: Mapping[str, np.ndarray], pool: np.ndarray, pool_loss: np.ndarray,
+                  pool_acc: np.ndarray | None, ev: Any, evaluation: Subset, key: Mapping[str, Any],
+                  exhaustive: bool) -> list[dict[str, Any]]:
+    """One record per pick: its true loss and accuracy, the best of the pool and the picks (lowest loss;
+    highest accuracy: the accuracy oracle) and the regret."""
+    best_loss = float(pool_loss.min())
+    accs = pool_acc if pool_acc is not None else np.full(len(pool), np.nan)
+    lookup = {mask_key(row): (float(l), float(a)) for row, l, a in zip(pool, pool_loss, accs)}
+    best_acc = float(np.nanmax(accs)) if pool_acc is not None else float("nan")
+    best_mask = mask_text(pool[int(np.argmin(pool_loss))])
+    best_acc_mask = mask_text(pool[int(np.nanargmax(accs))]) if pool_acc is not None else ""
+    rows = []
+    for name, mask in picks.items():
+        found = lookup.get(mask_key(mask))
+        if found is None:  # a pick outside the pool (exhaustive pools hold every candidate)
+            one = ev(mask[None], evaluation)
+            found = (float(one.loss[0]), float(one.accuracy[0]) if one.accuracy is not None else float("nan"))
+        chosen, chosen_acc = found
+        if chosen < best_loss:
+            best_loss, best_mask = chosen, mask_text(mask)
+        if not math.isnan(chosen_acc) and chosen_acc > best_acc:
+            best_acc, best_acc_mask = chosen_acc, mask_text(mask)
+        rows.append({**key, "method": name, "chosen_loss": chosen, "chosen_accuracy": chosen_acc,
+                     "exhaustive": exhaustive, "pool": len(pool), "mask": "".join(str(int(v)) for v in mask)})
+    for r in rows:
+        r["best_loss"] = best_loss
+        r["regret"] = r["chosen_loss"] - best_loss
+        r["best_accuracy"] = best_acc
+        r["best_mask"], r["best_accuracy_mask"] = best_mask, best_acc_mask
     return rows

@@ -32,7 +32,7 @@ from .masks import mask_key, prior_design
 from .readout import find_readout
 
 __all__ = ["Measured", "Context", "Predictor", "AdditivePredictor", "Method", "METHODS", "register_method",
-           "fit_method", "measure_design", "method_names", "label"]
+           "fit_method", "measure_design", "fitting_context", "method_names", "label"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -323,14 +323,39 @@ def measure_design(gated: GatedModel, scoring: Subset, task: Task, methods: Iter
                    log: Callable[[str], None] | None = None) -> Measured:
     """Measure the fitting masks (default: the prior design, ``masks.prior_design``) once on ``scoring``,
     keeping the outputs, or the readout states, when one of ``methods`` is built from them: the ``measured``
-    of the Context that every method is then fitted from. The experiment protocol, ``auto_prune`` and
-    ``scenarios.method_picks`` all start here."""
-    names = list(methods)
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise KeyError(f"unknown method(s) {', '.join(map(repr, unknown))}; registered: {', '.join(METHODS)}")
+    of the Context that every method is then fitted from (``fitting_context`` builds that Context)."""
+    names = _registered(methods)
     design = prior_design(gated.graph.num_prunable) if masks is None else np.asarray(masks, dtype=np.float32)
     state = find_readout(gated) if any(METHODS[m].needs_state for m in names) else None
     result = evaluate_masks(gated, design, scoring, task, batch_size=batch_size, log=log,
                             keep_outputs=any(METHODS[m].needs_outputs for m in names), keep_state=state)
     return Measured.of(design, result)
+
+
+def fitting_context(graph: ComputationGraph, scoring: Subset, task: Task, methods: Iterable[str],
+                    masks: np.ndarray | None, *, seed: int = 0, batch_size: int = 256,
+                    context_batch: int | None = None, removable: np.ndarray | None = None,
+                    max_removed: int | None = None, log: Callable[[str], None] | None = None) -> Context:
+    """The context that ``methods`` are fitted from: ``graph`` gated, and the fitting ``masks`` (e.g. the prior
+    design, ``masks.prior_design``) measured once on ``scoring`` by ``measure_design`` (None: nothing
+    measured, for zero-shot methods). ``removable``: which edges a pick may remove (None or all True: every
+    edge); ``max_removed``: the most a pick removes. ``batch_size`` is the measurement's batch,
+    ``context_batch`` (default: the same) that of the methods' own passes; ``log`` receives the measurement's
+    progress lines. The experiment protocol, ``auto_prune`` and ``scenarios.method_picks`` all start here."""
+    names = _registered(methods)
+    gated = GatedModel(graph)
+    measured = None if masks is None else measure_design(gated, scoring, task, names, masks, batch_size=batch_size,
+                                                         log=log)
+    if removable is not None and np.all(removable):
+        removable = None
+    return Context(graph, gated, scoring, task, measured, seed=seed,
+                   batch_size=batch_size if context_batch is None else context_batch, removable=removable,
+                   max_removed=max_removed)
+
+
+def _registered(methods: Iterable[str]) -> list[str]:
+    names = list(methods)
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise KeyError(f"unknown method(s) {', '.join(map(repr, unknown))}; registered: {', '.join(METHODS)}")
+    return names

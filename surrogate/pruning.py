@@ -14,11 +14,11 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from .evaluate import Subset, Task
-from .gating import GatedModel, prune
+from .gating import prune
 from .graph import ComputationGraph, HeadSplit, build_graph, run_nodes
 from .masks import prior_design, sparsity_masks
 from .measuring import measuring, model_device
-from .methods import METHODS, AdditivePredictor, Context, Predictor, fit_method, measure_design
+from .methods import METHODS, AdditivePredictor, Predictor, fit_method, fitting_context
 from .progress import reporting
 from .tasks import check_data
 
@@ -332,8 +332,7 @@ def _auto_prune(model: nn.Module, scoring: Subset, task: Task, budget: Budget, m
     e = graph.num_prunable
     costs = CostModel(graph)
     _check_budget(budget, graph, costs)
-    gated = GatedModel(graph)
-    measured = None
+    fit = None
     if METHODS[method].fitted:
         fit = prior_design(e)
         if extra_masks:
@@ -341,9 +340,8 @@ def _auto_prune(model: nn.Module, scoring: Subset, task: Task, budget: Budget, m
         # a method built from the outputs (or readout states) of these passes gets them instead of
         # measuring the single-edge masks a second time
         say(f"auto_prune: {e} prunable edges; measuring {len(fit)} masks on {len(scoring)} {scoring.name} samples")
-        measured = measure_design(gated, scoring, task, [method], fit, batch_size=batch_size)
+    ctx = fitting_context(graph, scoring, task, [method], fit, seed=seed, batch_size=batch_size)
     say(f"auto_prune: fitting {method}")
-    ctx = Context(graph, gated, scoring, task, measured, seed=seed, batch_size=batch_size)
     predictor = fit_method(method, ctx)
     mask = select_mask(predictor, graph, budget, search=search, costs=costs, allow_disconnected=allow_disconnected)
     pruned = prune(graph, mask)
@@ -357,7 +355,7 @@ def _auto_prune(model: nn.Module, scoring: Subset, task: Task, budget: Budget, m
     if finetune_steps:
         say(f"auto_prune: fine-tuning for {finetune_steps} steps")
         pruned = finetune(pruned, train_data, task, finetune_steps, seed=seed)
-    fit = measured.masks if measured is not None else np.zeros((0, e), dtype=np.float32)
+    fit = ctx.measured.masks if ctx.measured is not None else np.zeros((0, e), dtype=np.float32)
     return PruneResult(mask, [n for n, k in zip(graph.edge_names, mask) if k == 0], pruned, predictor, fit,
                        bool(graph.connected(mask)), (int(p0), int(p1)), (int(c0), int(c1)))
 

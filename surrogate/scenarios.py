@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 
 from .evaluate import Subset, Task
-from .gating import GatedModel, prune
+from .gating import prune
 from .graph import ComputationGraph, build_graph
-from .masks import mask_text
-from .methods import Context, fit_method, measure_design
+from .masks import mask_text, prior_design
+from .methods import fit_method, fitting_context
 from .progress import Ticker, reporting, say
 from .pruning import Budget, select_mask
 from .studies import Records
@@ -139,7 +139,6 @@ def method_picks(model: nn.Module | ComputationGraph, scoring: Subset, task: Tas
     method (time so far and left), and the measurements' own progress lines."""
     check_data(scoring, task, model.module if isinstance(model, ComputationGraph) else model)
     graph = model if isinstance(model, ComputationGraph) else build_graph(model, scoring[:2].args(model))
-    gated = GatedModel(graph)
     removable = np.array([allowed is None or re.search(allowed, n) is not None for n in graph.edge_names])
     if not removable.any():
         raise ValueError(f"no prunable edge matches allowed={allowed!r}; edges are e.g. {graph.edge_names[:3]}")
@@ -147,9 +146,8 @@ def method_picks(model: nn.Module | ComputationGraph, scoring: Subset, task: Tas
         raise ValueError(f"a budget of {max(budgets)} edges exceeds the {int(removable.sum())} removable ones")
     tick = Ticker(f"picks on {scoring.name}", len(methods), log)
     with reporting(log) if log is not None else contextlib.nullcontext():
-        measured = measure_design(gated, scoring, task, methods, batch_size=batch_size)
-        ctx = Context(graph, gated, scoring, task, measured, seed=seed, batch_size=batch_size,
-                      removable=None if removable.all() else removable, max_removed=max(budgets, default=0))
+        ctx = fitting_context(graph, scoring, task, methods, prior_design(graph.num_prunable), seed=seed,
+                              batch_size=batch_size, removable=removable, max_removed=max(budgets, default=0))
         picks = {}
         for i, m in enumerate(methods, 1):
             pred = fit_method(m, ctx)

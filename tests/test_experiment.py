@@ -15,7 +15,8 @@ from surrogate import (METHODS, Budget, Context, ExperimentConfig, GatedModel, M
                        auto_prune, build_graph, evaluate_masks, fit_method, prior_design, run_experiment)
 from surrogate.experiment import GraphView, within_k_spearman
 from surrogate.masks import exhaustive_masks, mask_text
-from surrogate.methods import AdditivePredictor, Method, method_names, register_method
+from surrogate.methods import (AdditivePredictor, Method, fitting_context, measure_design, method_names,
+                               register_method)
 from surrogate.paper import Macros, macro_name
 from surrogate.plotting import draw_graph
 from surrogate.report import macros_from, paired_comparison, wide_table, summarize
@@ -313,26 +314,31 @@ def test_prefix_evaluation_gives_the_same_records(tiny, result):
     pd.testing.assert_frame_equal(pd.DataFrame(result.regret), pd.DataFrame(prefix.regret))
 
 
-def test_measure_design_keeps_what_the_methods_need(tiny):
-    from surrogate.methods import measure_design
+def test_fitting_context_measures_what_the_methods_need(tiny):
     net, scoring, _ = tiny
     graph = build_graph(net, scoring.inputs[:2])
-    gated, task = GatedModel(graph), Task("classification")
-    plain = measure_design(gated, scoring, task, ["loo"], batch_size=32)
-    state = measure_design(gated, scoring, task, ["loo", "superposition_pairs"], batch_size=32)
-    outs = measure_design(gated, scoring, task, ["superposition"], batch_size=32)
-    assert np.array_equal(plain.masks, prior_design(graph.num_prunable))
+    task, fit = Task("classification"), prior_design(graph.num_prunable)
+    plain, state, outs = (fitting_context(graph, scoring, task, names, fit, batch_size=32).measured
+                          for names in (["loo"], ["loo", "superposition_pairs"], ["superposition"]))
+    assert np.array_equal(plain.masks, fit)
+    assert np.array_equal(measure_design(GatedModel(graph), scoring, task, ["loo"], batch_size=32).masks, fit)
     assert np.allclose(plain.losses, state.losses) and np.allclose(plain.losses, outs.losses)
     assert plain.state is None and plain.outputs is None
     assert state.state is not None and len(state.state) == len(plain.masks) and state.outputs is None
     assert outs.outputs is not None and outs.state is None
     # the state-kept design is exactly what the pair-corrected surrogate would otherwise measure itself
-    ctx = lambda m: Context(graph, gated, scoring, task, m, batch_size=32)  # noqa: E731
+    ctx = lambda m: Context(graph, GatedModel(graph), scoring, task, m, batch_size=32)  # noqa: E731
     masks = MaskFamily("m", "removed", n=12, removed=(0.1, 0.5)).draw(graph, 1)
     a, b = fit_method("superposition_pairs", ctx(state)).predict(masks), fit_method("superposition_pairs", ctx(plain)).predict(masks)
     assert np.allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(KeyError, match="unknown method"):
-        measure_design(gated, scoring, task, ["nonsense"])
+        fitting_context(graph, scoring, task, ["nonsense"], fit)
+    # no masks: nothing measured (zero-shot methods); every edge removable is the same as no restriction
+    some = np.arange(graph.num_prunable) % 2 == 0
+    zero = fitting_context(graph, scoring, task, ["magnitude"], None, batch_size=32, context_batch=7,
+                           removable=np.ones(graph.num_prunable, dtype=bool), max_removed=2)
+    assert zero.measured is None and zero.removable is None and zero.batch_size == 7 and zero.max_removed == 2
+    assert np.array_equal(fitting_context(graph, scoring, task, [], None, removable=some).removable, some)
 
 
 def test_a_mask_in_two_families_is_measured_once_and_gets_one_truth(tiny, monkeypatch):
