@@ -463,110 +463,18 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
     with measuring(model), _buffers_restored(model):
         gm, used = trace(model, inputs, tracer)
         info = _record_values(gm, inputs)
-    is_unit = _vertex_rule(vertices, model)
-    nodes = list(gm.graph.nodes)
-
-    # data nodes: tensors computed from the inputs through tensor arguments (shape arithmetic excluded)
-    data: set[str] = set()
-    for n in nodes:
-        if n.op == "placeholder":
-            if isinstance(info.get(n.name), tuple):
-                data.add(n.name)
-        elif n.op in ("call_function", "call_method", "call_module") and _has_tensor(info.get(n.name)):
-            if any(p.name in data for p in n.all_input_nodes):
-                data.add(n.name)
-
-    def unit_of(n: fx.Node) -> tuple[str, str] | None:
-        """(module path, call suffix) of the module call whose vertex holds ``n``; None for a free op."""
-        unit = next(((p, c) for p, c in _module_stack(n) if is_unit(p)), None)
-        return (str(n.target), "") if n.op == "call_module" and unit is None else unit
-
-    def is_sum(n: fx.Node) -> bool:  # a free-standing add of two computed floating-point tensors
-        return (n.name in data and n.op in ("call_function", "call_method") and _canonical_op(n) == "add"
-                and n.kwargs.get("alpha", 1) == 1 and unit_of(n) is None
-                and sum(p.name in data and _is_float(info.get(p.name)) for p in _flat_inputs(n)) >= 2)
-
-    # a partial sum (a sum whose only user is another sum) joins that sum's vertex: a + b + c is one merge
-    # with one edge per term
-    sum_into = {n.name: next(iter(n.users)) for n in nodes if len(n.users) == 1 and is_sum(n)
-                and is_sum(next(iter(n.users)))}
-
-    # vertex of each data node
-    vertex_of: dict[str, str] = {}
-    meta: dict[str, tuple[str, str]] = {}  # vertex -> (kind, op)
-    order: dict[str, int] = {}
-    for i, n in enumerate(nodes):
-        if n.name not in data and n.op != "output":
-            continue
-        if n.op == "placeholder":
-            v, kind, op = n.name, "input", "input"
-        elif n.op == "output":
-            v, kind, op = "output", "output", "output"
-        elif _is_pass_through(n, data, info):
-            v = vertex_of[n.all_input_nodes[0].name]  # an alias of its input (e.g. a no-op dtype cast)
-            kind, op = meta[v]
-        elif (unit := unit_of(n)) is not None:
-            v = unit[0] + (f"@{unit[1]}" if unit[1] else "")
-            kind, op = "module", type(model.get_submodule(unit[0])).__name__ \
-                if _safe_has(model, unit[0]) else "module"
-        else:
-            root = n
-            while root.name in sum_into:  # the outermost sum of a chain names the vertex
-                root = sum_into[root.name]
-            stack = _module_stack(root)
-            scope = stack[-1][0] if stack else ""
-            v, kind, op = (f"{scope}.{root.name}" if scope else root.name), "op", _canonical_op(root)
-        vertex_of[n.name] = v
-        meta.setdefault(v, (kind, op))
-        if n.name not in sum_into:  # a chain of sums sits where its outermost sum is
-            order.setdefault(v, i)
-
-    # edges between vertices
-    links: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    for n in nodes:
-        if n.name not in vertex_of:
-            continue
-        for p in n.all_input_nodes:
-            if p.name in data and vertex_of[p.name] != vertex_of[n.name]:
-                links.setdefault((vertex_of[p.name], vertex_of[n.name]), []).append((p.name, n.name))
-
-    by_name = {n.name: n for n in nodes}
-    all_edges: list[Edge] = []
-    for (s, d), lk in links.items():
-        merge = None
-        consumers = {c for _, c in lk}
-        if len(consumers) == 1 or all(is_sum(by_name[c]) for c in consumers):  # one op, or one chain of sums
-            c = by_name[next(iter(consumers))]
-            op = _canonical_op(c)
-            float_inputs = [p for p in _flat_inputs(c) if p.name in data and _is_float(info.get(p.name))]
-            if op in MERGE_OPS and len(float_inputs) >= 2:
-                merge = op
-        all_edges.append(Edge(s, d, tuple(lk), merge))
-
+    nodes = _Nodes(model, gm, info, _vertex_rule(vertices, model))
+    vertex_of, meta, order = _group(nodes)
+    all_edges = _link(nodes, vertex_of)
     vnames = _toposort(list(meta), [(e.src, e.dst) for e in all_edges], order)
     vert = [Vertex(v, meta[v][0], meta[v][1],
                    tuple(n for n in vertex_of if vertex_of[n] == v)) for v in vnames]
     pos = {v: i for i, v in enumerate(vnames)}
     all_edges.sort(key=lambda e: (pos[e.dst], pos[e.src]))
-
-    def floating(e: Edge) -> bool:
-        return all(_is_float(info.get(p)) for p, _ in e.links)
-
-    if edges == "merge":
-        structural = _structural_merges(vert, all_edges, lambda v: _has_parameters(v, model, gm, by_name))
-        pick = [e for e in all_edges if e.merge is not None and floating(e) and e.dst in structural]
-    elif edges == "all":
-        pick = [e for e in all_edges if e.dst != "output" and floating(e)]
-    elif callable(edges):
-        pick = [e for e in all_edges if edges(e)]
-        bad = [e.name for e in pick if not floating(e)]
-        if bad:
-            raise ValueError(f"edges {bad[:3]} carry non-floating-point tensors and cannot be gated")
-    else:
-        raise ValueError(f"edges must be 'merge', 'all' or a predicate on Edge, got {edges!r}")
+    pick = _prunable(nodes, vert, all_edges, edges)
     splits: dict[str, HeadSplit] = {}
     if heads:
-        all_edges, splits = _split_heads(model, heads, all_edges, vert, info, by_name)
+        all_edges, splits = _split_heads(model, heads, all_edges, vert, info, nodes.by_name)
         chosen = {e.name for e in pick}  # a split edge's name is gone: its head edges replace it
         pick = [e for e in all_edges if e.name in chosen or e.part is not None]
     if exclude is not None:
@@ -576,6 +484,118 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.
                       "no structural merge (residual add, concatenated branches, gated product) left by the "
                       "other options; edges='all' gates every edge")
     return ComputationGraph(gm, vert, all_edges, pick, used, inputs, info, splits)
+
+
+class _Nodes:
+    """The nodes of a traced model and what grouping them into vertices needs: the data nodes (tensors
+    computed from the inputs through tensor arguments; shape arithmetic excluded), which module calls are
+    vertices (``is_unit``), and the free-standing sums."""
+
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, info: dict[str, Any], is_unit: Callable[[str], bool]):
+        self.model, self.gm, self.info, self.is_unit = model, gm, info, is_unit
+        self.nodes = list(gm.graph.nodes)
+        self.by_name = {n.name: n for n in self.nodes}
+        self.data: set[str] = set()
+        for n in self.nodes:
+            if n.op == "placeholder":
+                if isinstance(info.get(n.name), tuple):
+                    self.data.add(n.name)
+            elif n.op in ("call_function", "call_method", "call_module") and _has_tensor(info.get(n.name)):
+                if any(p.name in self.data for p in n.all_input_nodes):
+                    self.data.add(n.name)
+        # a partial sum (a sum whose only user is another sum) joins that sum's vertex: a + b + c is one merge
+        # with one edge per term
+        self.sum_into = {n.name: next(iter(n.users)) for n in self.nodes if len(n.users) == 1 and self.is_sum(n)
+                         and self.is_sum(next(iter(n.users)))}
+
+    def unit_of(self, n: fx.Node) -> tuple[str, str] | None:
+        """(module path, call suffix) of the module call whose vertex holds ``n``; None for a free op."""
+        unit = next(((p, c) for p, c in _module_stack(n) if self.is_unit(p)), None)
+        return (str(n.target), "") if n.op == "call_module" and unit is None else unit
+
+    def is_sum(self, n: fx.Node) -> bool:
+        """A free-standing add of two computed floating-point tensors."""
+        return (n.name in self.data and n.op in ("call_function", "call_method") and _canonical_op(n) == "add"
+                and n.kwargs.get("alpha", 1) == 1 and self.unit_of(n) is None
+                and sum(p.name in self.data and _is_float(self.info.get(p.name)) for p in _flat_inputs(n)) >= 2)
+
+
+def _group(nodes: _Nodes) -> tuple[dict[str, str], dict[str, tuple[str, str]], dict[str, int]]:
+    """The vertex of each data node, each vertex's (kind, op), and its position among the nodes."""
+    vertex_of: dict[str, str] = {}
+    meta: dict[str, tuple[str, str]] = {}  # vertex -> (kind, op)
+    order: dict[str, int] = {}
+    for i, n in enumerate(nodes.nodes):
+        if n.name not in nodes.data and n.op != "output":
+            continue
+        if n.op == "placeholder":
+            v, kind, op = n.name, "input", "input"
+        elif n.op == "output":
+            v, kind, op = "output", "output", "output"
+        elif _is_pass_through(n, nodes.data, nodes.info):
+            v = vertex_of[n.all_input_nodes[0].name]  # an alias of its input (e.g. a no-op dtype cast)
+            kind, op = meta[v]
+        elif (unit := nodes.unit_of(n)) is not None:
+            v = unit[0] + (f"@{unit[1]}" if unit[1] else "")
+            kind, op = "module", type(nodes.model.get_submodule(unit[0])).__name__ \
+                if _safe_has(nodes.model, unit[0]) else "module"
+        else:
+            root = n
+            while root.name in nodes.sum_into:  # the outermost sum of a chain names the vertex
+                root = nodes.sum_into[root.name]
+            stack = _module_stack(root)
+            scope = stack[-1][0] if stack else ""
+            v, kind, op = (f"{scope}.{root.name}" if scope else root.name), "op", _canonical_op(root)
+        vertex_of[n.name] = v
+        meta.setdefault(v, (kind, op))
+        if n.name not in nodes.sum_into:  # a chain of sums sits where its outermost sum is
+            order.setdefault(v, i)
+    return vertex_of, meta, order
+
+
+def _link(nodes: _Nodes, vertex_of: dict[str, str]) -> list[Edge]:
+    """The edges between vertices (every data tensor from one vertex into another), each with the merge op of
+    its consumer if that is a merge of two or more floating-point inputs."""
+    links: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for n in nodes.nodes:
+        if n.name not in vertex_of:
+            continue
+        for p in n.all_input_nodes:
+            if p.name in nodes.data and vertex_of[p.name] != vertex_of[n.name]:
+                links.setdefault((vertex_of[p.name], vertex_of[n.name]), []).append((p.name, n.name))
+    edges: list[Edge] = []
+    for (s, d), lk in links.items():
+        merge = None
+        consumers = {c for _, c in lk}
+        # one op, or one chain of sums
+        if len(consumers) == 1 or all(nodes.is_sum(nodes.by_name[c]) for c in consumers):
+            c = nodes.by_name[next(iter(consumers))]
+            op = _canonical_op(c)
+            float_inputs = [p for p in _flat_inputs(c) if p.name in nodes.data and _is_float(nodes.info.get(p.name))]
+            if op in MERGE_OPS and len(float_inputs) >= 2:
+                merge = op
+        edges.append(Edge(s, d, tuple(lk), merge))
+    return edges
+
+
+def _prunable(nodes: _Nodes, vertices: list[Vertex], edges: list[Edge], rule: EdgeRule) -> list[Edge]:
+    """The edges that ``build_graph(edges=rule)`` gates (before heads and ``exclude``)."""
+    def floating(e: Edge) -> bool:
+        return all(_is_float(nodes.info.get(p)) for p, _ in e.links)
+
+    if rule == "merge":
+        structural = _structural_merges(vertices, edges,
+                                        lambda v: _has_parameters(v, nodes.model, nodes.gm, nodes.by_name))
+        return [e for e in edges if e.merge is not None and floating(e) and e.dst in structural]
+    if rule == "all":
+        return [e for e in edges if e.dst != "output" and floating(e)]
+    if callable(rule):
+        pick = [e for e in edges if rule(e)]
+        bad = [e.name for e in pick if not floating(e)]
+        if bad:
+            raise ValueError(f"edges {bad[:3]} carry non-floating-point tensors and cannot be gated")
+        return pick
+    raise ValueError(f"edges must be 'merge', 'all' or a predicate on Edge, got {rule!r}")
 
 
 def _has_parameters(vertex: Vertex, model: nn.Module, gm: fx.GraphModule, by_name: dict[str, fx.Node]) -> bool:
