@@ -6,6 +6,7 @@ import math
 import re
 from dataclasses import replace
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 
@@ -124,6 +125,7 @@ def test_the_sublayer_and_head_studies_give_the_papers_numbers(tmp_path):
     assert {"LmHeadRankLoo", "LmHeadWithinKSuperpositionState", "LmHeadGapLooTwo"} <= set(hm)
     fig = head_figure(hrec, hconfig.methods, 2, 2)
     assert "Superposition" in fig.axes[0].get_title()  # superposition_state preferred over loo
+    plt.close(fig)  # an open figure fails test_paper's check that save_figure closes what it saves
 
 
 def test_study_protocols_check_their_sizes():
