@@ -48,7 +48,7 @@ def test_every_macro_the_text_uses_is_generated(prefix):
     assert not missing, f"\\val of macros no notebook generates: {missing}"
 
 
-@pytest.mark.parametrize("notebook", ["01", "02", "03"])
+@pytest.mark.parametrize("notebook", ["01", "02", "03", "04"])
 def test_every_figure_and_table_of_a_notebook_exists(notebook):
     text = MAIN.read_text()
     figs = [f for f in re.findall(r"\\genfig\{([^}]+)\}", text) if f.startswith(notebook)]
