@@ -292,10 +292,13 @@ def regret_curves(summary: "pd.DataFrame", methods: Sequence[str], labels: Mappi
                 ax.errorbar([row.spent], [row["mean"]], yerr=[[row["mean"] - row.lo], [row.hi - row["mean"]]],
                             fmt="s", ms=4, color=c, capsize=2, label=labels.get(m, m))
         ax.set_xscale("log")
+        ticks = sorted({int(p) for p in sub.P})
+        ax.set_xticks(ticks, [str(t) for t in ticks])      # the budgets, in plain numbers
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_title(f"{panel} = {v}")
         ax.set_xlabel("forward passes")
         ax.set_ylabel(ylabel if ax is axes[0, 0] else "")
     handles, names = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(names)), frameon=False)
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(2, len(names)), frameon=False)
     fig.tight_layout()
     return fig
