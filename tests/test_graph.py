@@ -184,16 +184,22 @@ def _sample_masks(graph, seed: int = 0, single: int = 24) -> list[torch.Tensor]:
     return masks + [torch.zeros(graph.num_prunable)]
 
 
-def test_cost_model_counts_what_pruning_keeps(case):
-    """CostModel's parameters and MACs per example are those of the pruned module, for every sampled mask."""
-    _, _, x, graph, _ = case
-    masks = _sample_masks(graph)
+def assert_costs_of_pruned(graph, masks: list[torch.Tensor], x) -> None:
+    """CostModel's parameters and MACs per example equal those of the pruned module for each mask (``x``: the
+    input, or a tuple of inputs whose first gives the batch size)."""
     params, macs = CostModel(graph).cost(torch.stack(masks).numpy())
+    batch = len(x[0]) if isinstance(x, tuple) else len(x)
     with torch.no_grad():
         for m, p, c in zip(masks, params, macs):
             small = prune(graph, m)
             removed = f"removed {(m == 0).nonzero().flatten().tolist()}"
-            assert (count_params(small), count_macs(small, x) // len(x)) == (p, c), removed
+            assert (count_params(small), count_macs(small, x) // batch) == (p, c), removed
+
+
+def test_cost_model_counts_what_pruning_keeps(case):
+    """CostModel's parameters and MACs per example are those of the pruned module, for every sampled mask."""
+    _, _, x, graph, _ = case
+    assert_costs_of_pruned(graph, _sample_masks(graph), x)
 
 
 def test_masking_changes_output(case):

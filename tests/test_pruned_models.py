@@ -13,9 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from surrogate import GatedModel, build_graph, prune
-from surrogate.profile import count_macs, count_params
-from surrogate.pruning import CostModel
-from test_graph import _sample_masks
+from test_graph import _sample_masks, assert_costs_of_pruned
 
 warnings.filterwarnings("ignore", message=".*token_id.*")
 
@@ -113,13 +111,7 @@ def test_cost_model_counts_what_pruning_keeps(model):
     """Parameters and MACs of every pruned module are the cost model's; a skip read only for its shape
     (the U-Net's) is not computed once its edge is removed."""
     _, x, _, graph = model
-    masks = _masks(graph)
-    params, macs = CostModel(graph).cost(torch.stack(masks).numpy())
-    with torch.no_grad():
-        for m, p, c in zip(masks, params, macs):
-            small = prune(graph, m)
-            removed = f"removed {(m == 0).nonzero().flatten().tolist()}"
-            assert (count_params(small), count_macs(small, x) // len(x[0])) == (p, c), removed
+    assert_costs_of_pruned(graph, _masks(graph), x)
 
 
 def test_removed_experts_take_their_router_along():
