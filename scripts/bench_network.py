@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import sys
 import time
 from pathlib import Path
@@ -21,27 +20,22 @@ from pathlib import Path
 import torch
 import yaml
 
-from surrogate.bench import TRUTH_COLUMNS, score, study_from
-from surrogate.paths import atomic_write
+from surrogate.bench import score, study_from, write_truth
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def merge(study: str, truth_dir: Path) -> Path:
     """Every part table of ``study`` (truth/parts/<study>_*.csv) and the study's table, one row per (network,
-    subset, samples, mask) (a part's row wins), sorted as bench.save_truth sorts, written atomically."""
+    subset, samples, mask) (a part's row wins), written by bench.write_truth."""
     rows: dict[tuple[str, ...], dict[str, str]] = {}
     for path in [truth_dir / f"{study}.csv", *sorted((truth_dir / "parts").glob(f"{study}_*.csv"))]:
         if path.exists():
             with open(path, newline="") as f:
                 for r in csv.DictReader(f):
                     rows[(r["network"], r["subset"], r["samples"], r["mask"])] = r
-    out = io.StringIO()
-    w = csv.DictWriter(out, fieldnames=TRUTH_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(sorted(rows.values(), key=lambda r: (r["network"], r["subset"], int(r["samples"]), r["mask"])))
     target = truth_dir / f"{study}.csv"
-    atomic_write(target, out.getvalue())
+    write_truth(target, list(rows.values()))
     return target
 
 

@@ -47,7 +47,7 @@ from . import sequential as _sequential  # noqa: F401  (registers this project's
 
 __all__ = ["BenchConfig", "BenchResult", "Study", "STUDIES", "study_from", "score", "evaluation_subset", "labels", "regret_table",
            "bench_macros", "resolve_budgets",
-           "run_bench", "load_truth", "save_truth", "at_budgets", "regret_summary", "head_to_head"]
+           "run_bench", "load_truth", "save_truth", "write_truth", "at_budgets", "regret_summary", "head_to_head"]
 
 
 @dataclass(frozen=True)
@@ -300,11 +300,16 @@ def save_truth(path: str | Path, network: str, oracle: LossOracle) -> None:
     mine = [{"network": network, "subset": oracle.data.name, "samples": str(n), "mask": mask_text(m),
              "removed": str(int((m == 0).sum())), "loss": repr(float(l)),
              "accuracy": "" if math.isnan(a) else repr(float(a))} for m, l, a in oracle.table()]
-    rows = sorted(keep + mine, key=lambda r: (r["network"], r["subset"], int(r["samples"]), r["mask"]))
+    write_truth(path, keep + mine)
+
+
+def write_truth(path: str | Path, rows: Sequence[dict[str, str]]) -> None:
+    """Write truth-table rows (``TRUTH_COLUMNS``, as text) sorted by network, subset, samples and mask,
+    atomically."""
     out = io.StringIO()
     w = csv.DictWriter(out, fieldnames=TRUTH_COLUMNS, lineterminator="\n")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows(sorted(rows, key=lambda r: (r["network"], r["subset"], int(r["samples"]), r["mask"])))
     atomic_write(path, out.getvalue())
 
 
