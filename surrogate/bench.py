@@ -47,7 +47,8 @@ from . import sequential as _sequential  # noqa: F401  (registers this project's
 
 __all__ = ["BenchConfig", "BenchResult", "Study", "STUDIES", "study_from", "score", "evaluation_subset", "labels", "regret_table",
            "bench_macros", "resolve_budgets",
-           "run_bench", "load_truth", "save_truth", "write_truth", "at_budgets", "regret_summary", "head_to_head"]
+           "run_bench", "load_truth", "save_truth", "write_truth", "WALL_TIME_COLUMNS", "at_budgets", "regret_summary",
+           "head_to_head"]
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,8 @@ def _score(row: dict[str, Any], truth: LossOracle, oracle: LossOracle, best: flo
 # truth tables
 
 TRUTH_COLUMNS = ("network", "subset", "samples", "mask", "removed", "loss", "accuracy")
+# columns of the picks measured in wall time: they differ from run to run, so published tables leave them out
+WALL_TIME_COLUMNS = ("pass_seconds", "query_seconds")
 
 
 def load_truth(path: str | Path, network: str, oracle: LossOracle) -> int:
