@@ -344,12 +344,17 @@ def regret_summary(table: pd.DataFrame, by: Sequence[str] = ("k", "P", "method")
 
 def head_to_head(table: pd.DataFrame, ours: str, value: str = "regret", tol: float = 1e-9) -> pd.DataFrame:
     """Ours against every other method at each budget P, paired over (network, k): wins (ours lower), ties
-    (within ``tol``), losses, the mean difference (ours - other) and a two-sided Wilcoxon signed-rank p."""
+    (within ``tol``), losses, the mean difference (ours - other) and a two-sided Wilcoxon signed-rank p; with
+    several budgets, also rows with P "all": paired over (network, k, P) where both have a pick (the budgets of
+    one network are not independent samples: the pooled test is a summary, the per-network count the evidence)."""
+    groups = list(table.groupby("P", sort=True))
+    if len(groups) > 1:
+        groups.append(("all", table))
     rows = []
-    for p, g in table.groupby("P", sort=True):
-        mine = g[g.method == ours].set_index(["network", "k"])[value]
+    for p, g in groups:
+        mine = g[g.method == ours].set_index(["network", "k", "P"])[value]
         for other in sorted(set(g.method) - {ours}):
-            theirs = g[g.method == other].set_index(["network", "k"])[value]
+            theirs = g[g.method == other].set_index(["network", "k", "P"])[value]
             both = mine.to_frame("a").join(theirs.to_frame("b"), how="inner").dropna()
             if both.empty:
                 continue
@@ -518,9 +523,14 @@ def bench_macros(study: str, summary: pd.DataFrame, h2h: pd.DataFrame, ranking: 
         if len(others):
             m[tag + "BestOther"] = float(others.min())
             m[tag + "BestOtherName"] = labels([others.idxmin()])[others.idxmin()]
-        hp = h2h[h2h.P == p]
+        hp = h2h[h2h.P.astype(str) == str(p)]
         for col in ("wins", "ties", "losses"):
             m[tag + col.title()] = int(hp[col].sum())
+    pooled = h2h[h2h.P.astype(str) == "all"]
+    for row in pooled.itertuples():  # pooled over networks and budgets: pairs and p per method
+        tag = macro_name(study, "pooled", row.method)
+        m[tag + "Pairs"], m[tag + "P"] = int(row.pairs), float(row.wilcoxon_p)
+        m[tag + "Wins"], m[tag + "Ties"], m[tag + "Losses"] = int(row.wins), int(row.ties), int(row.losses)
     if len(ranking):
         top = ranking[ranking.budget == ranking.budget.max()]
         for frac, g in top.groupby("fraction"):

@@ -219,6 +219,9 @@ def test_summaries_over_networks_pair_ours_with_each_method_at_equal_passes():
     h2h = head_to_head(table, "ours").set_index(["P", "method"])
     assert h2h.loc[(10, "rs"), ["wins", "ties", "losses"]].tolist() == [3, 0, 0]
     assert h2h.loc[(20, "zs"), ["wins", "ties", "losses"]].tolist() == [0, 3, 0]
+    assert h2h.loc[("all", "rs"), ["pairs", "wins", "ties", "losses"]].tolist() == [6, 6, 0, 0]  # networks x budgets
+    assert h2h.loc[("all", "rs"), "wilcoxon_p"] == pytest.approx(2 / 2 ** 6)  # exact: all six pairs one way
+    assert h2h.loc[("all", "zs"), "pairs"] == 3  # only where both have a pick
 
 
 def test_a_method_from_outside_the_package_is_benchmarked_in_a_few_lines(tmp_path):
@@ -324,3 +327,5 @@ def test_bench_macros_quote_the_tables_they_come_from():
     assert (m["CifarBudgetAWins"], m["CifarBudgetATies"], m["CifarBudgetALosses"]) == (2, 0, 0)
     assert m["CifarRankOneFivePctOurs"] == 0.9 and m["CifarRankOneFivePctBestOther"] == 0.4
     assert m["CifarReachKThreeOurs"] == 12.0
+    assert (m["CifarPooledRsPairs"], m["CifarPooledRsWins"], m["CifarPooledRsLosses"]) == (4, 4, 0)
+    assert m["CifarPooledRsP"] == pytest.approx(0.125)
