@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .graph import MERGE_OPS, ComputationGraph, Edge, HeadSplit, _canonical_op, run_nodes
-from .measuring import measuring
+from .measuring import measuring, model_device
 
 __all__ = ["GatedModel", "prune", "check_mask", "EmptyProjection"]
 
@@ -234,8 +234,7 @@ class GatedModel(nn.Module):
         the values those nodes take in the same pass (e.g. the residual stream before the network's head)."""
         traced = tuple((tuple(x.shape), x.dtype) for x in self.graph.example_inputs)
         _check_inputs(inputs, traced, "the gated model", self.input_names)
-        ref = next(iter(self.module.parameters()), None)
-        device = ref.device if ref is not None else inputs[0].device
+        device = model_device(self.module, default=inputs[0].device)
         gates = self._gates(mask, allow_extrapolation, device)
         with contextlib.nullcontext() if self.train_mode else measuring(self.module):
             if isinstance(gates, torch.Tensor) and gates.dim() == 2 and not self.can_stack(inputs):
@@ -292,8 +291,7 @@ class GatedModel(nn.Module):
         if e == 0:
             return True
         traced = tuple((tuple(x.shape), x.dtype) for x in self.graph.example_inputs)
-        ref = next(iter(self.module.parameters()), None)
-        device = ref.device if ref is not None else inputs[0].device
+        device = model_device(self.module, default=inputs[0].device)
         half = (torch.rand(e, generator=torch.Generator().manual_seed(0)) < 0.5).float()
         masks = torch.stack([torch.ones(e), half, torch.zeros(e)]).to(device)
         with measuring(self.module):

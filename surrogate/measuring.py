@@ -27,8 +27,9 @@ def measuring(*modules: torch.nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where the model's parameters (or buffers) live: batches follow them. The CPU for a model without any."""
+def model_device(model: torch.nn.Module, default: torch.device | None = None) -> torch.device:
+    """Where the model's parameters (or buffers) live: batches follow them. For a model without any, ``default``
+    (e.g. the inputs' device), else the CPU."""
     for t in itertools.chain(model.parameters(), model.buffers()):
         return t.device
-    return torch.device("cpu")
+    return torch.device("cpu") if default is None else default

@@ -31,6 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .masks import mask_key
+from .measuring import model_device
 from .passes import BudgetExhausted, Meter
 from .readout import Tail, find_readout
 from .methods import Measured, Predictor
@@ -339,7 +340,7 @@ def _dense_pass(ctx, node: str, meter: Meter) -> tuple[float, torch.Tensor]:
     shares = ShareMeter(ctx.graph)
     data, task, bs = ctx.scoring, ctx.task, meter.oracle.batch_size
     taps = (node, *[t for t in shares.nodes if t != node])
-    dev = next(ctx.gated.parameters(), torch.zeros(0)).device
+    dev = model_device(ctx.gated)
     ones = torch.ones(ctx.num_edges, device=dev)
     total, correct, states = torch.zeros((), dtype=torch.float64), 0.0, []
     with measuring(ctx.gated):
