@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from surrogate import GatedModel, build_graph, zoo
+from surrogate.bench import evaluation_subset
 from surrogate.masks import bernoulli_masks, mask_text
 from surrogate.paths import atomic_write
 from surrogate.sharding import evaluate_masks_sharded
@@ -33,8 +34,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     ap.add_argument("--subset", default="scoring", choices=["scoring", "val", "test"])
     ap.add_argument("--samples", type=int, default=None,
-                    help="a random sample (seeded by --seed) of this many samples of the subset, e.g. of the "
-                         "test split, whose images are ordered by class")
+                    help="this many samples of the subset, drawn as the benchmark's evaluation subsets are "
+                         "(bench.evaluation_subset: a seed-0 permutation; the test split is ordered by class)")
     ap.add_argument("--strategy", default="stack", choices=["stack", "prefix"])
     ap.add_argument("--out", required=True, help="CSV file (written by rank 0, atomically)")
     args = ap.parse_args()
@@ -48,8 +49,7 @@ def main() -> None:
     if args.samples is not None:
         if not 2 <= args.samples <= len(data):
             ap.error(f"--samples must be between 2 and the {len(data)} samples of the {args.subset} subset")
-        rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.samples]
-        data = data[rows.sort().values]
+        data = evaluation_subset(data, args.samples)
     gated = GatedModel(build_graph(net, data[:2].args(net)))
     masks = bernoulli_masks(gated.num_edges, args.masks, args.keep, args.seed)
     start = time.time()

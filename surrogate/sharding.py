@@ -62,7 +62,8 @@ def evaluate_masks_sharded(gated: GatedModel, masks: Any, data: Subset, task: Ta
     plans = _gather((None if m is None else len(m), per_pass), failure)
     if len({n for n, _ in plans}) > 1:
         raise ValueError(f"every rank must be given the same masks; the ranks got {[n for n, _ in plans]} masks")
-    kwargs["masks_per_pass"] = plans[0][1] if stacked else kwargs.get("masks_per_pass")
+    if stacked:
+        kwargs["masks_per_pass"] = plans[0][1]
     if rank != 0:
         kwargs["log"], kwargs["progress"] = (lambda line: None), False
     unit = kwargs["masks_per_pass"] if stacked else 1
