@@ -54,11 +54,9 @@ def main() -> None:
     if not args.network:
         sys.exit("give a network of the study (e.g. cifar_resnet20_seed0), or --merge")
     torch.set_num_threads(1)
-    get = lambda key: (p.get(key) or {}).get(args.study)  # noqa: E731
-    study = study_from(args.study, networks=[args.network], ks=get("ks"), budgets=p.get("budgets"),
-                       searches=p.get("searches"), zero_shot=p.get("zero_shot", ()), n_eval=get("n_eval"),
-                       reference=p.get("reference"), ablation_masks=p.get("ablation_masks"),
-                       ablations=p.get("ablations"), quick=get("quick"))
+    keys = ("ks", "budgets", "searches", "zero_shot", "n_eval", "reference", "ablation_masks", "ablations")
+    study = study_from(args.study, networks=[args.network], quick=(p.get("quick") or {}).get(args.study),
+                       **{k: p.get(k) for k in keys})  # each a value or a mapping study -> value
     part = truth_dir / "parts" / f"{args.study}_{args.network}.csv"
     part.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

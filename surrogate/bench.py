@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -399,19 +399,22 @@ def study_from(name: str, *, networks: Sequence[str] | None = None, ks: Sequence
                ablation_masks: int | None = None, ablations: Sequence[float] | None = None,
                quick: dict[str, Any] | None = None) -> Study:
     """Study ``name`` of ``STUDIES`` with a notebook's overrides (None keeps the study's own; ``searches`` None:
-    every registered search; ``quick``: training/data overrides for stand-in networks, as ``zoo.load`` takes)."""
+    every registered search; ``quick``: training/data overrides for stand-in networks, as ``zoo.load`` takes).
+    Every override but ``quick`` may also be a mapping from study names to values (a study it does not name
+    keeps its own), so that one set of notebook parameters can give each study its own budgets."""
     if name not in STUDIES:
         raise KeyError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
     base = STUDIES[name]
-    given = {"ks": ks, "budgets": budgets, "reference": reference, "ablation_masks": ablation_masks,
-             "ablations": ablations}
-    config = replace(base.config, searches=tuple(searches or SEARCHES), zero_shot=tuple(zero_shot),
+    of = lambda v: v.get(name) if isinstance(v, Mapping) else v  # noqa: E731
+    given = {"ks": of(ks), "budgets": of(budgets), "reference": of(reference),
+             "ablation_masks": of(ablation_masks), "ablations": of(ablations)}
+    config = replace(base.config, searches=tuple(of(searches) or SEARCHES), zero_shot=tuple(of(zero_shot) or ()),
                      **{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in given.items() if v is not None})
     load = None
     if quick:
         from . import zoo
         load = lambda net, data_dir=None, log=None: zoo.load(net, data_dir, log, **quick)  # noqa: E731
-    return Study(tuple(networks or base.networks), config, n_eval or base.n_eval, load)
+    return Study(tuple(of(networks) or base.networks), config, of(n_eval) or base.n_eval, load)
 
 
 def labels(names: Sequence[str]) -> dict[str, str]:

@@ -118,12 +118,16 @@ def _legend_columns(names: Sequence[str], width: float) -> int:
 def picks_figure(picks: "pd.DataFrame", oracle: "pd.DataFrame", unit: str, *, xlabel: str,
                  methods: Sequence[str] = PICK_METHODS, reference_label: str = "exhaustive oracle", height: float = 2.4):
     """The quality of each method's pick against the number of edges removed, with the best mask found as a
-    dashed reference (``surrogate.report.picks_against_oracle``: unit "accuracy" or "perplexity", on a log
-    scale); ``methods`` that made no pick are left out."""
+    dashed reference (``surrogate.report.picks_against_oracle``: unit "accuracy" or "perplexity"; perplexity on a
+    log scale when it spans more than a factor of three, else linear); ``methods`` that made no pick are left out."""
     units = {"accuracy": ("accuracy", "test accuracy (%)", None), "perplexity": ("ppl", "test perplexity", "log")}
     if unit not in units:
         raise ValueError(f"unknown unit {unit!r}; use one of {sorted(units)} (as in picks_against_oracle)")
     y, ylabel, logy = units[unit]
+    values = np.concatenate([np.asarray(picks[y], dtype=float), np.asarray(oracle[y], dtype=float)])
+    values = values[np.isfinite(values) & (values > 0)]
+    if logy and (not len(values) or values.max() <= 3 * values.min()):
+        logy = None  # a log scale over a narrow range reads as linear but labels badly
     shown = ordered([m for m in methods if m in set(picks.method)])
     return lines(picks, "removed", y, shown, reference=oracle, reference_label=reference_label, xlabel=xlabel,
                  ylabel=ylabel, width=COLUMN, height=height, logy=logy)

@@ -89,6 +89,19 @@ def held_out(data: Subset, n: int | None, seed: int = 0) -> Subset:
     return Subset(data.name, data.inputs[pick], data.targets[pick])
 
 
+def mask_quality(graph: ComputationGraph, masks: Mapping[int, str], data: Subset, task: Task) -> pd.DataFrame:
+    """Loss and accuracy (percent; NaN for tasks without one) on ``data`` of each mask of ``masks`` ({edges
+    removed: mask text}, e.g. ``oracle_masks``): the quality to quote next to a pruned network's cost."""
+    from .evaluate import evaluate_masks
+    from .gating import GatedModel
+    rows = sorted(masks.items())
+    bits = torch.tensor([[float(c) for c in m] for _, m in rows])
+    res = evaluate_masks(GatedModel(graph), bits, data, task, masks_per_pass=1)
+    acc = res.accuracy if res.accuracy is not None else [float("nan")] * len(rows)
+    return pd.DataFrame({"removed": [r for r, _ in rows], "loss": [float(x) for x in res.loss],
+                         "accuracy": [100 * float(a) for a in acc]})
+
+
 def oracle_masks(regret: pd.DataFrame, seed: int, column: str = "best_mask") -> dict[int, str]:
     """The dense network and the best mask found at each budget for network ``seed``, as {edges removed: mask
     text}: what the cost of pruning is measured on. ``column``: "best_mask" (lowest loss) or

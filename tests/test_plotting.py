@@ -87,7 +87,9 @@ def _ticks(ax) -> list[float]:
 def test_counts_get_whole_number_ticks():
     picks, oracle = _picks([1, 2, 3])
     fig = picks_figure(picks, oracle, "perplexity", xlabel="edges removed")
-    assert _ticks(fig.axes[0]) == [1, 2, 3] and fig.axes[0].get_yscale() == "log"
+    assert _ticks(fig.axes[0]) == [1, 2, 3] and fig.axes[0].get_yscale() == "linear"  # 250-345: a narrow range
+    wide = picks.assign(ppl=picks.ppl * 10.0 ** picks.removed)  # perplexities up to 300,000: a log scale
+    assert picks_figure(wide, oracle, "perplexity", xlabel="edges removed").axes[0].get_yscale() == "log"
     frac = picks.assign(pct=picks.removed / 4)
     assert any(t % 1 for t in _ticks(lines(frac, "pct", "ppl", ["loo"]).axes[0]))  # not a count: any ticks
 

@@ -303,6 +303,10 @@ def test_study_from_applies_a_notebooks_overrides_and_keeps_the_rest():
     assert s.config.ks == (3,) and s.config.budgets == ("E+2",) and s.config.ablations == (0.15,)
     assert s.config.strategy == STUDIES["cifar"].config.strategy and "sequential" in s.config.searches
     assert study_from("cifar").networks == STUDIES["cifar"].networks
+    per = dict(budgets={"gpt2_12l": ["E+2"]}, ks={"cifar": [3]}, ablations={"gpt2_12l": [0.25]})
+    c, g = study_from("cifar", **per), study_from("gpt2_12l", **per)  # per-study values: a study keeps what it
+    assert c.config.ks == (3,) and c.config.budgets == STUDIES["cifar"].config.budgets  # is not given
+    assert g.config.budgets == ("E+2",) and g.config.ablations == (0.25,) and g.config.ks == STUDIES["gpt2_12l"].config.ks
     with pytest.raises(KeyError, match="unknown study"):
         study_from("imagenet")
 

@@ -141,6 +141,10 @@ def test_pruned_costs_are_relative_to_the_dense_network_and_cached_per_machine(s
     cost = pruned_costs(graph, masks, cost_of, inputs, key=("tiny",), details={"n": 8}, cache_dir=tmp_path)
     assert cost.removed.tolist() == [0, 1, 2] and (cost.filter(like="_rel").iloc[0] == 1).all()
     assert cost.params_rel.iloc[-1] < 1 and cost.macs_rel.iloc[-1] < 1  # a branch's convolutions are gone
+    quality = studies.mask_quality(graph, masks, evaluation, Task("classification"))
+    best = rec.regret[rec.regret.seed == 0].drop_duplicates("removed").set_index("removed").best_loss
+    assert quality.removed.tolist() == [0, 1, 2] and quality.accuracy.between(0, 100).all()
+    assert np.allclose(quality.set_index("removed").loss.loc[[1, 2]], best.loc[[1, 2]], atol=1e-5)  # the truth's
 
     def not_again(*args):
         raise AssertionError("measured again")
