@@ -45,7 +45,7 @@ from .methods import Context
 from .search import SEARCHES, Problem, evolution, run_search
 from . import sequential as _sequential  # noqa: F401  (registers this project's searches)
 
-__all__ = ["BenchConfig", "BenchResult", "Study", "STUDIES", "study_from", "score", "evaluation_subset", "labels", "regret_table",
+__all__ = ["BenchConfig", "BenchResult", "Study", "STUDIES", "study_from", "score", "evaluation_subset", "labels", "regret_table", "network_macros",
            "bench_macros", "resolve_budgets",
            "run_bench", "load_truth", "save_truth", "write_truth", "WALL_TIME_COLUMNS", "at_budgets", "regret_summary",
            "head_to_head"]
@@ -516,8 +516,9 @@ def bench_macros(study: str, summary: pd.DataFrame, h2h: pd.DataFrame, ranking: 
             m[macro_name(study, "reference", "masks")] = int(sizes.astype(int).max())
     if len(ranking):
         m[macro_name(study, "rank", "masks")] = int(ranking.n_masks.max())
-    for i, (p, g) in enumerate(summary.groupby("P", sort=True)):
-        g = g.groupby("method")["mean"].mean()
+    for i, (p, rows) in enumerate(summary.groupby("P", sort=True)):
+        g = rows.groupby("method")["mean"].mean()
+        one_k = rows.k.nunique() == 1  # the bootstrap interval over networks is quoted for a single k only
         tag = macro_name(study, "budget", "ABCDEFGH"[i])
         m[tag + "Passes"] = int(p)
         if ours in g:
@@ -526,6 +527,10 @@ def bench_macros(study: str, summary: pd.DataFrame, h2h: pd.DataFrame, ranking: 
         if len(others):
             m[tag + "BestOther"] = float(others.min())
             m[tag + "BestOtherName"] = labels([others.idxmin()])[others.idxmin()]
+        for who, name in (("Ours", ours), ("BestOther", others.idxmin() if len(others) else None)):
+            row = rows[rows.method == name]
+            if one_k and len(row) and {"lo", "hi"} <= set(row.columns):
+                m[tag + who + "Lo"], m[tag + who + "Hi"] = float(row.lo.iloc[0]), float(row.hi.iloc[0])
         hp = h2h[h2h.P.astype(str) == str(p)]
         for col in ("wins", "ties", "losses"):
             m[tag + col.title()] = int(hp[col].sum())
@@ -552,4 +557,29 @@ def bench_macros(study: str, summary: pd.DataFrame, h2h: pd.DataFrame, ranking: 
                 m[tag + "Ours"] = float(mine.mean())
             if len(ref):
                 m[tag + "Reference"] = float(ref.mean())
+    return m
+
+
+def network_macros(study: str, networks: Sequence[str]) -> dict[str, Any]:
+    """The shipped networks of a study as the paper quotes them (from ``checkpoints/manifest.json``): how many,
+    their test metric (mean, min, max: accuracy in percent or perplexity) and the longest training in minutes,
+    and a language model's size. Networks that are not shipped (a fast profile's stand-ins) give nothing."""
+    from .checkpoints import load_manifest
+    from .paper import macro_name
+    from . import zoo
+    entries = [e for n, e in load_manifest().items() if n in set(networks)]
+    if not entries or len(entries) < len(set(networks)):
+        return {}
+    m: dict[str, Any] = {macro_name(study, "shipped"): len(entries),
+                         macro_name(study, "train", "minutes"): float(max(e["wall_minutes"] for e in entries))}
+    acc = [100 * e["metrics"]["test_acc"] for e in entries if "test_acc" in e["metrics"]]
+    ppl = [e["metrics"]["test_ppl"] for e in entries if "test_ppl" in e["metrics"]]
+    for word, vals in (("acc", acc), ("ppl", ppl)):
+        if vals:
+            m.update({macro_name(study, "test", word, "mean"): float(np.mean(vals)),
+                      macro_name(study, "test", word, "min"): float(min(vals)),
+                      macro_name(study, "test", word, "max"): float(max(vals))})
+    spec = zoo.parse(next(iter(networks)))
+    if spec["study"] == "lm":
+        m.update({macro_name(study, k): v for k, v in zoo.GPT2_SIZES[spec["layers"]].items()})
     return m

@@ -333,3 +333,17 @@ def test_bench_macros_quote_the_tables_they_come_from():
     assert m["CifarReachKThreeOurs"] == 12.0
     assert (m["CifarPooledRsPairs"], m["CifarPooledRsWins"], m["CifarPooledRsLosses"]) == (4, 4, 0)
     assert m["CifarPooledRsP"] == pytest.approx(0.125)
+    lo, hi = m["CifarBudgetAOursLo"], m["CifarBudgetAOursHi"]  # the bootstrap interval over the two networks
+    assert lo == pytest.approx(0.02) and hi == pytest.approx(0.12) and m["CifarBudgetABestOtherHi"] == pytest.approx(0.15)
+
+
+def test_network_macros_quote_the_shipped_manifest_and_nothing_for_stand_ins():
+    from surrogate.bench import STUDIES, network_macros
+    from surrogate.checkpoints import load_manifest
+    nets = STUDIES["gpt2_12l"].networks
+    m = network_macros("gpt2_12l", nets)
+    ppl = [load_manifest()[n]["metrics"]["test_ppl"] for n in nets]
+    assert m["GptTwoOneTwoLShipped"] == 3 and m["GptTwoOneTwoLNLayer"] == 12
+    assert m["GptTwoOneTwoLTestPplMin"] == min(ppl) and abs(m["GptTwoOneTwoLTestPplMean"] - sum(ppl) / 3) < 1e-9
+    assert "CifarTestAccMean" in network_macros("cifar", STUDIES["cifar"].networks)
+    assert network_macros("cifar", ["cifar_resnet20_seed0", "cifar_resnet20_seed7"]) == {}  # one not shipped
