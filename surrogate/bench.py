@@ -145,9 +145,8 @@ def run_bench(model: nn.Module | ComputationGraph, scoring: Subset, evaluation: 
             for r in run_search(name, problem, oracle, budgets, seed=seed, trace=trace):
                 rows.append({"k": k, "method": name, "kind": "search", **r})
             say(f"k={k} {name}: {time.perf_counter() - t0:.0f} s")
-        for name, (pred, passes) in zero.items():
-            mask = select_mask(pred, graph, Budget(edges=k), allowed=None if allowed.all() else allowed,
-                               allow_disconnected=not config.connected)
+        for name, (pred, passes, zgraph) in zero.items():
+            mask = _zero_shot_pick(pred, zgraph, k, allowed, config.connected)
             rows.append({"k": k, "method": name, "kind": "zero-shot", "budget": passes, "spent": passes, "mask": mask})
         best, how = _reference(problem, truth, config, budgets, rows, seed, say, traces)
         for r in (r for r in rows if r["k"] == k):
@@ -174,7 +173,7 @@ def _reach(k: int, traces: dict[str, list[tuple[float, np.ndarray]]], truth: Los
 
 
 def _ranking(config: BenchConfig, graph: ComputationGraph, allowed: np.ndarray, ctx: Context,
-             oracle: LossOracle, truth: LossOracle, budgets: Sequence[int], zero: dict[str, tuple[Any, int]],
+             oracle: LossOracle, truth: LossOracle, budgets: Sequence[int], zero: dict[str, tuple[Any, int, Any]],
              seed: int, say) -> list[dict[str, Any]]:
     """Rank agreement on random ablations of each fraction of the units, as COAR reports it: every method with a
     loss model, fitted at every budget (the regressions on masks of that fraction), and the zero-shot criteria."""
@@ -187,7 +186,7 @@ def _ranking(config: BenchConfig, graph: ComputationGraph, allowed: np.ndarray, 
         masks = problem.sample(config.ablation_masks, np.random.default_rng(20_000 + seed + a))
         say(f"rank agreement on {len(masks)} random ablations of {k} units")
         true = truth.losses(masks)
-        models: list[tuple[str, float, float, Any]] = [(n, p, p, pred) for n, (pred, p) in zero.items()]
+        models: list[tuple[str, float, float, Any]] = [(n, p, p, pred) for n, (pred, p, _) in zero.items()]
         for name in (n for n in config.searches if SEARCHES[n].model is not None):
             for b in budgets:
                 key = (name, b, k if SEARCHES[name].model_per_k else None)
@@ -207,19 +206,49 @@ def _ranking(config: BenchConfig, graph: ComputationGraph, allowed: np.ndarray, 
     return rows
 
 
-def _zero_shot(config: BenchConfig, ctx: Context, allowed: np.ndarray, say) -> dict[str, tuple[Any, int]]:
-    """Each zero-shot criterion's predictor (fitted on the prior design where it needs one) and its passes."""
+class _OnUnits:
+    """A zero-shot predictor fitted on the removable units alone, asked about masks of every prunable edge."""
+
+    def __init__(self, pred: Any, allowed: np.ndarray):
+        self.pred, self.allowed = pred, allowed
+
+    def predict(self, masks: np.ndarray) -> np.ndarray:
+        return self.pred.predict(np.atleast_2d(masks)[:, self.allowed])
+
+
+def _zero_shot(config: BenchConfig, ctx: Context, allowed: np.ndarray, say
+               ) -> dict[str, tuple[Any, int, ComputationGraph]]:
+    """Each zero-shot criterion's predictor (fitted on the prior design where it needs one), its passes, and the
+    graph whose masks it picks. When only some edges are units, the criteria see a graph gating those alone
+    (the others always kept), so that they measure and differentiate only what may be removed: single removals
+    cost n+1 passes for n units, not one per prunable edge."""
     if not config.zero_shot:
         return {}
-    measured = measure_design(ctx.gated, ctx.scoring, ctx.task, config.zero_shot, batch_size=config.batch_size)
-    ctx.measured = measured
+    graph = ctx.graph if allowed.all() else replace(
+        ctx.graph, prunable=[e for e, ok in zip(ctx.graph.prunable, allowed) if ok])
+    zctx = ctx if allowed.all() else Context(graph, GatedModel(graph), ctx.scoring, ctx.task, seed=ctx.seed,
+                                             batch_size=ctx.batch_size, max_removed=ctx.max_removed)
+    zctx.measured = measure_design(zctx.gated, zctx.scoring, zctx.task, config.zero_shot,
+                                   batch_size=config.batch_size)
     out = {}
     for name in config.zero_shot:
-        pred = fit_method(name, ctx)
-        passes = METHODS[name].passes_in(ctx)
-        out[name] = (pred, int(passes["forward"] + passes["backward"]))
+        pred = fit_method(name, zctx)
+        passes = METHODS[name].passes_in(zctx)
+        out[name] = (pred if allowed.all() else _OnUnits(pred, allowed), int(passes["forward"] + passes["backward"]),
+                     graph)
         say(f"zero-shot {name}: {out[name][1]} passes")
     return out
+
+
+def _zero_shot_pick(pred: Any, graph: ComputationGraph, k: int, allowed: np.ndarray, connected: bool) -> np.ndarray:
+    """A zero-shot criterion's pick of k units, as a mask of every prunable edge."""
+    inner = pred.pred if isinstance(pred, _OnUnits) else pred
+    mask = select_mask(inner, graph, Budget(edges=k), allow_disconnected=not connected)
+    if allowed.all():
+        return mask
+    full = np.ones(len(allowed), dtype=np.asarray(mask).dtype)
+    full[allowed] = mask
+    return full
 
 
 def _reference(problem: Problem, truth: LossOracle, config: BenchConfig, budgets: Sequence[int],

@@ -156,6 +156,21 @@ def test_bench_scores_every_pick_against_the_reference_and_reuses_truth_tables(s
     assert [r["loss"] for r in rows] == [r["loss"] for r in rows_again]
 
 
+def test_zero_shot_criteria_measure_only_the_units_when_some_edges_are_not_units(setup):
+    net, graph, gated, scoring, test, task = setup
+    config = BenchConfig(units=r"bn2", ks=(1,), budgets=("E+2",), searches=("random_search",),
+                         zero_shot=("loo", "taylor2"), ablations=(0.34,), ablation_masks=4)
+    rows = {r["method"]: r for r in run_bench(graph, scoring, test, task, config, seed=0).picks}
+    assert rows["loo"]["spent"] == 4 and rows["taylor2"]["spent"] == 1 + 1 + 3  # 3 units, not 6 edges
+    shortcuts = [i for i, n in enumerate(graph.edge_names) if "shortcut" in n]
+    for name in ("loo", "taylor2"):
+        mask = np.array([float(c) for c in rows[name]["mask"]])
+        assert mask.sum() == 5 and (mask[shortcuts] == 1).all()  # one branch removed, never a shortcut
+    singles = 1 - np.eye(6, dtype=np.float32)[[i for i in range(6) if i not in shortcuts]]
+    best = singles[np.argmin(LossOracle(gated, scoring, task).losses(singles))]
+    assert rows["loo"]["mask"] == "".join(str(int(v)) for v in best)  # the cheapest single removal
+
+
 @pytest.fixture(scope="module")
 def tiny_lm():
     from transformers import GPT2Config, GPT2LMHeadModel
