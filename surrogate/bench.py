@@ -35,7 +35,7 @@ import torch.nn as nn
 from .tasks import Subset, Task
 from .gating import GatedModel
 from .graph import ComputationGraph, build_graph
-from .masks import exhaustive_masks, mask_text
+from .masks import _embed, exhaustive_masks, mask_from_text, mask_text
 from .methods import METHODS, fit_method, measure_design
 from .metrics import bootstrap_ci, paired_test, spearman
 from .passes import BudgetExhausted, LossOracle
@@ -244,11 +244,7 @@ def _zero_shot_pick(pred: Any, graph: ComputationGraph, k: int, allowed: np.ndar
     """A zero-shot criterion's pick of k units, as a mask of every prunable edge."""
     inner = pred.pred if isinstance(pred, _OnUnits) else pred
     mask = select_mask(inner, graph, Budget(edges=k), allow_disconnected=not connected)
-    if allowed.all():
-        return mask
-    full = np.ones(len(allowed), dtype=np.asarray(mask).dtype)
-    full[allowed] = mask
-    return full
+    return _embed(np.asarray(mask, dtype=np.float32)[None], np.flatnonzero(allowed), len(allowed))[0]
 
 
 def _reference(problem: Problem, truth: LossOracle, config: BenchConfig, budgets: Sequence[int],
@@ -311,7 +307,7 @@ def load_truth(path: str | Path, network: str, oracle: LossOracle) -> int:
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
             if r["network"] == network and r["subset"] == oracle.data.name and int(r["samples"]) == len(oracle.data):
-                masks.append(np.array([float(c) for c in r["mask"]], dtype=np.float32))
+                masks.append(mask_from_text(r["mask"], oracle.num_edges))
                 losses.append(float(r["loss"]))
                 accs.append(float(r["accuracy"]) if r["accuracy"] else np.nan)
     if masks:
@@ -594,20 +590,20 @@ def network_macros(study: str, networks: Sequence[str]) -> dict[str, Any]:
     their test metric (mean, min, max: accuracy in percent or perplexity) and the longest training in minutes,
     and a language model's size. Networks that are not shipped (a fast profile's stand-ins) give nothing."""
     from .checkpoints import load_manifest
-    from .paper import macro_name
+    from .paper import fmt, macro_name
     from . import zoo
     entries = [e for n, e in load_manifest().items() if n in set(networks)]
     if not entries or len(entries) < len(set(networks)):
         return {}
     m: dict[str, Any] = {macro_name(study, "shipped"): len(entries),
-                         macro_name(study, "train", "minutes"): float(max(e["wall_minutes"] for e in entries))}
+                         macro_name(study, "train", "minutes"): fmt(max(e["wall_minutes"] for e in entries), 0)}
     acc = [100 * e["metrics"]["test_acc"] for e in entries if "test_acc" in e["metrics"]]
     ppl = [e["metrics"]["test_ppl"] for e in entries if "test_ppl" in e["metrics"]]
-    for word, vals in (("acc", acc), ("ppl", ppl)):
+    for word, vals, digits in (("acc", acc, 2), ("ppl", ppl, 1)):  # as the paper quotes them
         if vals:
-            m.update({macro_name(study, "test", word, "mean"): float(np.mean(vals)),
-                      macro_name(study, "test", word, "min"): float(min(vals)),
-                      macro_name(study, "test", word, "max"): float(max(vals))})
+            m.update({macro_name(study, "test", word, "mean"): fmt(np.mean(vals), digits),
+                      macro_name(study, "test", word, "min"): fmt(min(vals), digits),
+                      macro_name(study, "test", word, "max"): fmt(max(vals), digits)})
     spec = zoo.parse(next(iter(networks)))
     if spec["study"] == "lm":
         m.update({macro_name(study, k): v for k, v in zoo.GPT2_SIZES[spec["layers"]].items()})

@@ -9,7 +9,7 @@ import numpy as np
 
 from .graph import ComputationGraph
 
-__all__ = ["mask_key", "mask_text", "prior_design", "bernoulli_masks", "sparsity_masks", "exhaustive_masks",
+__all__ = ["mask_key", "mask_text", "mask_from_text", "prior_design", "bernoulli_masks", "sparsity_masks", "exhaustive_masks",
            "all_masks_with_removed", "unique_rows"]
 
 
@@ -119,3 +119,14 @@ def unique_rows(masks: np.ndarray) -> np.ndarray:
 def mask_text(mask: Sequence[float] | np.ndarray) -> str:
     """A mask as a string of 0/1, one character per edge (as in the experiment records)."""
     return "".join(str(int(round(float(v)))) for v in np.asarray(mask).ravel())
+
+
+def mask_from_text(text: str, num_edges: int | None = None) -> np.ndarray:
+    """The inverse of ``mask_text``: a string of 0/1 (one character per edge) as a float32 mask; with
+    ``num_edges``, its length is checked against the graph's prunable edges."""
+    text = str(text).strip()
+    if not text or set(text) - {"0", "1"}:
+        raise ValueError(f"a mask as text is a string of 0 and 1, one per prunable edge; got {text[:60]!r}")
+    if num_edges is not None and len(text) != num_edges:
+        raise ValueError(f"mask {text!r} has {len(text)} entries; the graph has {num_edges} prunable edges")
+    return np.frombuffer(text.encode(), dtype=np.uint8).astype(np.float32) - ord("0")

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .gating import prune
 from .graph import ComputationGraph
+from .masks import mask_from_text
 from .train import cached_result
 
 __all__ = ["Cost", "count_params", "count_macs", "measure_latency", "measure_cost", "machine", "pruned_costs"]
@@ -101,7 +102,7 @@ def pruned_costs(graph: ComputationGraph, masks: Mapping[int, str], measure: Cal
 
     @torch.no_grad()
     def run() -> list[dict[str, Any]]:
-        return [{"removed": removed, **measure(prune(graph, np.array([float(c) for c in mask])).cpu(), *inputs)}
+        return [{"removed": removed, **measure(prune(graph, mask_from_text(mask, graph.num_prunable)).cpu(), *inputs)}
                 for removed, mask in masks.items()]
 
     rows = cached_result((*key, {"masks": list(masks.values()), "machine": machine("cpu")}, dict(details or {})),

@@ -30,7 +30,7 @@ import torch.nn as nn
 from .evaluate import Subset, Task
 from .gating import prune
 from .graph import ComputationGraph, build_graph
-from .masks import mask_text, prior_design
+from .masks import mask_from_text, mask_text, prior_design
 from .methods import fit_method, fitting_context
 from .progress import Ticker, reporting, say
 from .pruning import Budget, select_mask
@@ -101,7 +101,7 @@ def finetune_masks(graph: ComputationGraph, masks: Mapping[str, Any], train: Sub
     data = _fingerprint(*(t.float() for s in (train, test) for t in (*s.args(graph.module), s.targets)))
     rows: list[dict[str, Any]] = []
     for label, mask in masks.items():
-        m = np.asarray([float(c) for c in mask] if isinstance(mask, str) else mask, dtype=np.float32).ravel()
+        m = mask_from_text(mask) if isinstance(mask, str) else np.asarray(mask, dtype=np.float32).ravel()
         if m.shape != (e,):
             raise ValueError(f"mask {label!r} has {m.size} entries; the graph has {e} prunable edges")
         text = mask_text(m)

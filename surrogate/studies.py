@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -21,6 +22,7 @@ import torch.nn as nn
 from .evaluate import Subset, Task
 from .experiment import ExperimentConfig, ExperimentResult, run_experiment
 from .graph import ComputationGraph
+from .masks import mask_from_text
 from .progress import say
 from .train import cached_result
 
@@ -95,7 +97,7 @@ def mask_quality(graph: ComputationGraph, masks: Mapping[int, str], data: Subset
     from .evaluate import evaluate_masks
     from .gating import GatedModel
     rows = sorted(masks.items())
-    bits = torch.tensor([[float(c) for c in m] for _, m in rows])
+    bits = torch.from_numpy(np.stack([mask_from_text(m, graph.num_prunable) for _, m in rows]))
     res = evaluate_masks(GatedModel(graph), bits, data, task, masks_per_pass=1)
     acc = res.accuracy if res.accuracy is not None else [float("nan")] * len(rows)
     return pd.DataFrame({"removed": [r for r, _ in rows], "loss": [float(x) for x in res.loss],

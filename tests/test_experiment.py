@@ -363,3 +363,15 @@ def test_a_mask_in_two_families_is_measured_once_and_gets_one_truth(tiny, monkey
     assert all(truth["two"][k] == truth["branches"][k] for k in shared)
     halves = [n for s, n in sizes if s.endswith("[:half]")]
     assert halves == [len(truth["branches"])]
+
+
+def test_mask_from_text_inverts_mask_text_and_rejects_what_is_not_a_mask():
+    from surrogate.masks import mask_from_text, mask_text
+    m = np.array([1, 0, 0, 1, 1], dtype=np.float32)
+    back = mask_from_text(mask_text(m), 5)
+    assert back.dtype == np.float32 and np.array_equal(back, m)
+    for bad in ("10x1", "", "1 0 1"):
+        with pytest.raises(ValueError, match="string of 0 and 1"):
+            mask_from_text(bad)
+    with pytest.raises(ValueError, match="4 entries; the graph has 5"):
+        mask_from_text("1011", 5)
