@@ -144,7 +144,8 @@ def cifar_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, fine
                  ours: Sequence[str] = ("superposition_pairs", "superposition_state")) -> Macros:
     """The study's measured numbers for the paper (``Cif...``): the networks' test accuracy and mask families,
     rank agreement and passes (``rank``), the accuracy gap of the picks to the oracle (``picks``, accuracy
-    unit; ``CifOursMeanGap`` for the first of ``ours`` that was run), accuracy after fine-tuning and before
+    unit; ``CifOursMeanGap`` for the first of ``ours`` that was run) and their test-loss regret, the passes each
+    method spent for its picks (``CifPickFwd``: a search's as it ran), accuracy after fine-tuning and before
     (``finetuned``: the summary per method and budget), the cost of the largest pruning and the transfer
     accuracies."""
     info = records.info
@@ -163,6 +164,13 @@ def cifar_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, fine
     macros.update(macros_from(rank, "CifFwd", ["protocol", "method"], "forward_mean", digits=0))
     macros.update(macros_from(mean_gap, "CifMeanGap", ["method"], "gap_mean", digits=2))
     macros.update(macros_from(gap, "CifGap", ["method", "removed"], "gap_mean", digits=2))
+    regret = summarize(picks, ["method", "removed"], ["regret"])  # the test-loss regret of the same picks
+    macros.update(macros_from(regret, "CifRegret", ["method", "removed"], "regret_mean"))
+    macros.update(macros_from(regret.groupby("method", as_index=False).regret_mean.mean(), "CifMeanRegret",
+                              ["method"], "regret_mean"))
+    if "forward" in records.regret:  # the passes each method spent for its picks (a search's as it ran)
+        spent = records.regret.groupby("method", as_index=False).forward.mean()
+        macros.update(macros_from(spent, "CifPickFwd", ["method"], "forward", digits=0))
     macros.update(macros_of(finetuned, ["method", "budget"], {"accuracy_mean": ("CifFt", 1),
                                                               "accuracy_before_mean": ("CifZs", 1)}))
     if transfer is not None and len(transfer):

@@ -174,6 +174,11 @@ def test_the_cifar_macros_come_from_the_tables(study, tmp_path):
     assert m["CifGapLooTwo"] == fmt(gap.set_index(["method", "removed"]).gap_mean[("loo", 2)], 2)
     assert m["CifBranchesLoo"] == fmt(rank.set_index(["protocol", "method"]).spearman_mean[("branches", "loo")])
     assert "CifWithinKRealisticTaylorTwo" in m and "CifFwdBranchesTaylorTwo" in m
+    regret = summarize(picks, ["method", "removed"], ["regret"]).set_index(["method", "removed"]).regret_mean
+    assert m["CifRegretLooTwo"] == fmt(regret[("loo", 2)]) and m["CifRegretLooTwo"] != m["CifGapLooTwo"]
+    assert m["CifMeanRegretLoo"] == fmt(regret.loc["loo"].mean())
+    assert m["CifPickFwdLoo"] == fmt(rec.regret[rec.regret.method == "loo"].forward.mean(), 0)
+    assert int(m["CifPickFwdSleb"]) > 0  # the greedy search counts the masks it measured
 
 
 def test_macro_helpers_name_every_row_and_refuse_twins():
