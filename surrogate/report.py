@@ -59,7 +59,8 @@ def wide_table(summary: pd.DataFrame, metric: str, methods: Sequence[str], colum
                header: Callable[[object], str] = str, digits: int = 3, best: str | None = "max",
                labels: Callable[[str], str] = label) -> pd.DataFrame:
     """Methods as rows, one column per value of ``column`` (e.g. graph size, budget), cells
-    "mean +- std" (LaTeX); per column the best mean ("max" or "min"; None: no marking) is set in bold.
+    "mean +- std" (LaTeX; the value alone for one network); per column the best mean ("max" or "min"; None:
+    no marking) is set in bold.
     ``header`` names the columns, ``labels`` the rows (default: the registry's labels)."""
     if best not in ("max", "min", None):
         raise ValueError(f"best must be 'max', 'min' or None, got {best!r}")
@@ -71,9 +72,9 @@ def wide_table(summary: pd.DataFrame, metric: str, methods: Sequence[str], colum
             if not len(hit):
                 row[header(v)] = "--"
                 continue
-            mean = hit[f"{metric}_mean"].iloc[0]
-            std = hit[f"{metric}_std"].iloc[0] if hit["n"].iloc[0] > 1 else 0.0
-            cell = format_mean_std(mean, std, digits)
+            mean, std = hit[f"{metric}_mean"].iloc[0], hit[f"{metric}_std"].iloc[0]
+            one = hit["n"].iloc[0] <= 1  # one network: its value, no spread to show
+            cell = str(fmt(mean, digits)) if one else format_mean_std(mean, std, digits)
             col = summary[(summary[column] == v) & summary.method.isin(methods)][f"{metric}_mean"].round(digits)
             if best and round(mean, digits) == (col.max() if best == "max" else col.min()):
                 cell = f"\\textbf{{{cell}}}"

@@ -273,6 +273,8 @@ def test_wide_table_groups_by_any_column():
     assert list(t.columns) == ["Method", "k=1", "k=2"]
     assert t.Method.tolist() == ["Leave-one-out", "Superposition (ours)"]
     assert t["k=1"].iloc[1].startswith("\\textbf{0.750")
+    one = wide_table(summarize(df[df.seed == 0], ["method", "budget"], ["v"]), "v", ["loo"], "budget", [1])
+    assert one["1"].iloc[0] == "\\textbf{0.500}"  # one network: no "± 0.000"
 
 
 def test_macro_names_never_collide_silently():
