@@ -497,8 +497,9 @@ def score(searches: Sequence[str], study: str | Study = "cifar", *, zero_shot: S
 
 
 def regret_table(summary: pd.DataFrame, path: str | Path | None = None) -> pd.DataFrame:
-    """Mean regret (bootstrap interval over networks) per method (rows) at each (k, P) (columns), the lowest of a
-    column in bold; written as LaTeX to ``path`` if given; returns the readable table."""
+    """Mean regret (bootstrap interval over networks) per method (rows) at each (k, P) (columns), with the mean
+    passes it spent in parentheses (a search may stop early, a zero-shot criterion costs what it costs), the
+    lowest of a column in bold; written as LaTeX to ``path`` if given; returns the readable table."""
     from .paper import Raw, fmt, write_table
     cols = sorted({(int(k), int(p)) for k, p in zip(summary.k, summary.P)})
     names = list(dict.fromkeys(summary.method))
@@ -514,8 +515,9 @@ def regret_table(summary: pd.DataFrame, path: str | Path | None = None) -> pd.Da
                 row[head], raw[head] = "", Raw("--")
                 continue
             r = r.iloc[0]
-            row[head] = f"{r['mean']:.3f} [{r.lo:.3f}, {r.hi:.3f}]"
-            cell = f"{fmt(r['mean'])}\\,{{\\scriptsize[{fmt(r.lo)}, {fmt(r.hi)}]}}"
+            spent = f" ({r.spent:.0f})" if "spent" in r and np.isfinite(r.spent) else ""  # passes it used
+            row[head] = f"{r['mean']:.3f} [{r.lo:.3f}, {r.hi:.3f}]{spent}"
+            cell = f"{fmt(r['mean'])}\\,{{\\scriptsize[{fmt(r.lo)}, {fmt(r.hi)}]{spent}}}"
             raw[head] = Raw(f"\\textbf{{{cell}}}" if np.isclose(r["mean"], best[(k, p)]) else cell)
         text.append(row)
         latex.append(raw)

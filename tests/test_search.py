@@ -216,7 +216,7 @@ def test_sequential_on_a_language_model_counts_every_pass(tiny_lm):
 
 def test_summaries_over_networks_pair_ours_with_each_method_at_equal_passes():
     import pandas as pd
-    from surrogate.bench import at_budgets, head_to_head, regret_summary
+    from surrogate.bench import at_budgets, head_to_head, regret_summary, regret_table
     rows = []
     for net in range(3):
         for p in (10, 20):
@@ -237,6 +237,8 @@ def test_summaries_over_networks_pair_ours_with_each_method_at_equal_passes():
     assert h2h.loc[("all", "rs"), ["pairs", "wins", "ties", "losses"]].tolist() == [6, 6, 0, 0]  # networks x budgets
     assert h2h.loc[("all", "rs"), "wilcoxon_p"] == pytest.approx(2 / 2 ** 6)  # exact: all six pairs one way
     assert h2h.loc[("all", "zs"), "pairs"] == 3  # only where both have a pick
+    shown = regret_table(regret_summary(table)).set_index("Method")
+    assert shown.loc["ours", "k=2, P=10"].endswith("(9)") and shown.loc["zs", "k=2, P=20"].endswith("(15)")
 
 
 def test_a_method_from_outside_the_package_is_benchmarked_in_a_few_lines(tmp_path):
