@@ -300,11 +300,15 @@ def lm_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, oracle:
 
 def head_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame) -> Macros:
     """The head study's numbers (``LmHead...``): head edges and test masks, rank agreement (``rank``) and the
-    perplexity gap of the picks to the best mask found (``picks``, perplexity unit)."""
+    perplexity gap of the picks to the best mask found (``picks``, perplexity unit), and the forward and backward
+    passes each method made over the scoring blocks (``LmHeadFwd...``, ``LmHeadBwd...``)."""
     example = next(iter(records.examples.values()))
     macros = Macros(LmHeadEdges=sum(re.search(HEAD_EDGES, n) is not None for n in example["edge_names"]),
                     LmHeadMasks=int(records.info.heads_n_masks.iloc[0]))
     macros.update(ranking_macros(rank, "LmHeadRank", "LmHeadWithinK", keys=["method"]))
     macros.update(macros_from(summarize(picks, ["method", "removed"], ["gap"]), "LmHeadGap", ["method", "removed"],
                               "gap_mean", digits=1))
+    passes = records.protocols.groupby("method", as_index=False)[["forward", "backward"]].mean()
+    macros.update(macros_from(passes, "LmHeadFwd", ["method"], "forward", digits=0))  # what each method cost
+    macros.update(macros_from(passes, "LmHeadBwd", ["method"], "backward", digits=0))
     return macros

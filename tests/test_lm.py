@@ -123,6 +123,8 @@ def test_the_sublayer_and_head_studies_give_the_papers_numbers(tmp_path):
     hm = head_macros(hrec, ranking(hrec.protocols, passes=False), picks_against_oracle(hrec.regret, "perplexity")[0])
     assert hm["LmHeadEdges"] == 4 and hm["LmHeadMasks"] == hrec.info.heads_n_masks.iloc[0]
     assert {"LmHeadRankLoo", "LmHeadWithinKSuperpositionState", "LmHeadGapLooTwo"} <= set(hm)
+    # single removals measure every prunable edge of the head graph (the 4 heads and the residual inputs) once
+    assert hm["LmHeadFwdLoo"] == str(hrec.info.edges.iloc[0] + 1) and hm["LmHeadBwdLoo"] == "0"
     fig = head_figure(hrec, hconfig.methods, 2, 2)
     assert "Superposition" in fig.axes[0].get_title()  # superposition_state preferred over loo
     plt.close(fig)  # an open figure fails test_paper's check that save_figure closes what it saves
