@@ -169,8 +169,7 @@ MIN_PT = 7.0
 # Figures committed before the theme was fitted to the paper's text width: drawn for a wider page, with legends
 # wider than their axes, so their text prints below 7 pt until the next `make paper` redraws them. Strict: a figure
 # that prints readably must leave this list. 01_graph.pdf also needs draw_graph's vertex labels (6 pt) enlarged.
-DRAWN_FOR_THE_OLD_PAGE = {"01_efficiency.pdf", "01_efficiency_prior.pdf", "01_graph.pdf", "01_regret.pdf",
-                          "01_scatter_realistic.pdf", "02_accuracy.pdf", "02_latency.pdf", "02_scatter.pdf",
+DRAWN_FOR_THE_OLD_PAGE = {"02_accuracy.pdf", "02_latency.pdf", "02_scatter.pdf",
                           "03_head_picks.pdf", "03_heads.pdf", "03_picks.pdf"}
 
 
