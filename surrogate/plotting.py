@@ -263,7 +263,7 @@ def draw_graph(graph: "ComputationGraph", ax=None, importances: Sequence[float] 
         x, y = pos[v.name]
         ax.scatter([x], [y], s=40, c=c, marker=mk, zorder=3)
         if label_vertices and len(graph.vertices) <= 60:
-            ax.text(x, y + 0.18, (label or _short)(v.name), fontsize=6, ha="center", va="bottom", zorder=4)
+            ax.text(x, y + 0.18, (label or _short)(v.name), fontsize=7, ha="center", va="bottom", zorder=4)
     if importances is not None:
         ax.figure.colorbar(mapper, ax=ax, fraction=0.03, pad=0.01, label="edge importance")
     ax.set_axis_off()
