@@ -533,7 +533,7 @@ def bench_macros(study: str, summary: pd.DataFrame, h2h: pd.DataFrame, ranking: 
     and its name, ours' wins/ties/losses over (network, k) pairs summed over the other methods; the rank
     agreement of ours and of the best other model at each ablated fraction (largest budget); the passes to
     within 1% of the reference (ours, and the reference search's evaluations on the test data)."""
-    from .paper import macro_name
+    from .paper import fmt, macro_name
     m: dict[str, Any] = {}
     if picks is not None and len(picks):  # the setting: networks, test samples, the exhaustive reference's size
         m[macro_name(study, "nets")] = int(picks.network.nunique())
@@ -581,9 +581,9 @@ def bench_macros(study: str, summary: pd.DataFrame, h2h: pd.DataFrame, ranking: 
             mine = g[g.method == ours].passes
             ref = g[g.method.str.startswith("reference_search")].passes
             if len(mine):
-                m[tag + "Ours"] = float(mine.mean())
+                m[tag + "Ours"] = fmt(mine.mean(), 1)
             if len(ref):
-                m[tag + "Reference"] = float(ref.mean())
+                m[tag + "Reference"] = fmt(ref.mean(), 1)
     return m
 
 

@@ -24,7 +24,7 @@ from .data import cifar_augment, load_cifar10, normalize_cifar, resolve_data_dir
 from .evaluate import Subset, Task
 from .experiment import ExperimentConfig, MaskFamily
 from .models import ResNetCifar
-from .paper import Macros
+from .paper import Macros, fmt
 from .profile import count_macs, count_params, measure_latency
 from .progress import say
 from .report import cost_macros, family_macros, macros_from, macros_of, ranking_macros, summarize
@@ -152,8 +152,8 @@ def cifar_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, fine
     gap = summarize(picks, ["method", "removed"], ["gap"])
     mean_gap = gap.groupby("method", as_index=False).gap_mean.mean()
     mine = next((m for m in ours if m in set(gap.method)), ours[-1])
-    macros = Macros(CifTestAcc=float(100 * info.test_acc.mean()), CifTestAccMin=float(100 * info.test_acc.min()),
-                    CifTestAccMax=float(100 * info.test_acc.max()),
+    macros = Macros(CifTestAcc=fmt(100 * info.test_acc.mean(), 2), CifTestAccMin=fmt(100 * info.test_acc.min(), 2),
+                    CifTestAccMax=fmt(100 * info.test_acc.max(), 2),
                     CifOursMeanGap=float(gap[gap.method == mine].gap_mean.mean()))
     macros.update(family_macros(info, "Cif", {"branches": "Branch", "realistic": "Realistic"}))
     macros.update(cost_macros(cost, "Cif", {"macs_rel": "MacsRatio", "latency_b1_ms_rel": "LatencyOneRatio",

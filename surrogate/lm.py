@@ -31,7 +31,7 @@ from .interactions import Interactions, interactions
 from .measuring import measuring, model_device
 from .methods import METHODS
 from .models import CausalLMLogits
-from .paper import Macros
+from .paper import Macros, fmt
 from .paths import atomic_path
 from .plotting import heatmap
 from .profile import count_params, measure_latency
@@ -275,8 +275,8 @@ def lm_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, oracle:
     by_k = records.by_k[records.by_k.protocol == "sublayers"]
     macros = Macros(LmLayers=model.n_layer, LmHeads=model.n_head, LmWidth=model.n_embd, LmBranches=2 * model.n_layer,
                     LmLogitsOverState=float(model.vocab_size / model.n_embd),
-                    LmTestPPL=float(np.mean(list(dense_ppl.values()))),
-                    LmStateMiB=float(memory.MiB_per_mask[0]), LmLogitsMiB=float(memory.MiB_per_mask[1]),
+                    LmTestPPL=fmt(np.mean(list(dense_ppl.values())), 1),  # as the paper quotes them
+                    LmStateMiB=fmt(memory.MiB_per_mask[0], 1), LmLogitsMiB=fmt(memory.MiB_per_mask[1], 1),
                     LmEdges=int(records.info.edges.iloc[0]), LmPairMaxRatio=float(strongest.ratio.iloc[0]),
                     LmPairMax=strongest.pair.iloc[0])
     macros.update(family_macros(records.info, "Lm", {"sublayers": "Branch", "realistic": "Realistic"}))
