@@ -9,8 +9,8 @@ import numpy as np
 
 from .graph import ComputationGraph
 
-__all__ = ["mask_key", "mask_text", "mask_from_text", "prior_design", "bernoulli_masks", "sparsity_masks", "exhaustive_masks",
-           "all_masks_with_removed", "unique_rows"]
+__all__ = ["mask_key", "mask_text", "mask_from_text", "prior_design", "bernoulli_masks", "sparsity_masks",
+           "exhaustive_masks", "all_masks_with_removed", "unique_rows"]
 
 
 def mask_key(mask: Sequence[float] | np.ndarray) -> bytes:

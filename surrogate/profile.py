@@ -102,7 +102,8 @@ def pruned_costs(graph: ComputationGraph, masks: Mapping[int, str], measure: Cal
 
     @torch.no_grad()
     def run() -> list[dict[str, Any]]:
-        return [{"removed": removed, **measure(prune(graph, mask_from_text(mask, graph.num_prunable)).cpu(), *inputs)}
+        e = graph.num_prunable
+        return [{"removed": removed, **measure(prune(graph, mask_from_text(mask, e)).cpu(), *inputs)}
                 for removed, mask in masks.items()]
 
     rows = cached_result((*key, {"masks": list(masks.values()), "machine": machine("cpu")}, dict(details or {})),
