@@ -25,11 +25,13 @@ import io
 import math
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 import torch.nn as nn
 
 from .tasks import Subset, Task
@@ -43,6 +45,7 @@ from .paths import atomic_write
 from .pruning import Budget, select_mask
 from .methods import Context
 from .search import SEARCHES, Problem, evolution, run_search
+from .train import cached_result
 from . import sequential as _sequential  # noqa: F401  (registers this project's searches)
 
 __all__ = ["BenchConfig", "BenchResult", "Study", "STUDIES", "study_from", "score", "evaluation_subset", "labels", "regret_table", "network_macros",
@@ -458,14 +461,18 @@ def evaluation_subset(test: Subset, n: int) -> Subset:
 def score(searches: Sequence[str], study: str | Study = "cifar", *, zero_shot: Sequence[str] = (),
           networks: Sequence[str] | None = None, budgets: Sequence[str] | None = None,
           truth: str | Path | None = None, save_truth_to: str | Path | None = None,
-          data_dir: str | Path | None = None, seed: int = 0, log: Callable[[str], None] | None = print) -> BenchResult:
+          data_dir: str | Path | None = None, seed: int = 0, log: Callable[[str], None] | None = print,
+          cache: bool = False, cache_dir: str | Path | None = None) -> BenchResult:
     """Benchmark ``searches`` (registered in ``surrogate.search.SEARCHES``: the field's, this project's, or your own)
     and ``zero_shot`` criteria on a study's networks at its pass budgets, against the truth (module docstring).
     ``truth``: a truth table (CSV) whose measurements are reused, e.g. the paper's ``truth/<study>.csv``;
     ``save_truth_to``: where to write the table extended by every mask measured here (default: nowhere). The
     table also keeps the masks measured on the scoring subset (its own ``subset`` rows), so that a rerun replays
     the searches without running those passes again (they are still charged). The records carry a ``network``
-    column."""
+    column. ``cache``: keep each network's records in ``<cache_dir>/bench`` (default cache: ``$SURROGATE_CACHE_DIR``
+    or ``<project>/cache``), keyed by the network's weights, its subsets, the config, the seed and the searches'
+    names, so that a rerun (or another process scoring the same network) reads them; clear it after changing a
+    search's code under the same name."""
     from . import zoo
     if not isinstance(study, Study) and study not in STUDIES:
         raise KeyError(f"unknown study {study!r}; studies: {', '.join(STUDIES)} (or pass a bench.Study)")
@@ -477,23 +484,46 @@ def score(searches: Sequence[str], study: str | Study = "cifar", *, zero_shot: S
     for name in networks or spec.networks:
         net, splits, task = load(name, data_dir, log)
         evaluation = evaluation_subset(splits["test"], spec.n_eval)
-        graph = build_graph(net, splits["scoring"][:4].args(net))
-        gated = GatedModel(graph)
-        oracles = [LossOracle(gated, data, task, batch_size=config.batch_size, strategy=config.strategy)
-                   for data in (evaluation, splits["scoring"])]
-        if truth is not None:
-            for o in oracles:
-                load_truth(truth, name, o)
-        res = run_bench(graph, splits["scoring"], evaluation, task, config, seed=seed, truth=oracles[0],
-                        oracle=oracles[1], log=log)
+        run = partial(_bench_network, name, net, splits, evaluation, task, config, seed, truth, save_truth_to, log)
+        if cache:
+            key = (_weights_digest(net), splits["scoring"].name, len(splits["scoring"]), evaluation.name, config, seed)
+            res = cached_result(key, run, cache_dir, kind="bench")
+        else:
+            res = run()
         for part in ("picks", "ranking", "reach"):
             getattr(out, part).extend({"network": name, **r} for r in getattr(res, part))
-        if save_truth_to is not None:
-            for o in oracles:
-                save_truth(save_truth_to, name, o)
     return out
 
 
+def _bench_network(name: str, net: nn.Module, splits: dict[str, Subset], evaluation: Subset, task: Task,
+                   config: BenchConfig, seed: int, truth: str | Path | None, save_truth_to: str | Path | None,
+                   log: Callable[[str], None] | None) -> BenchResult:
+    """``run_bench`` on one network of a study, its oracles preloaded from the truth table ``truth`` and saved
+    into ``save_truth_to`` afterwards (either may be None)."""
+    graph = build_graph(net, splits["scoring"][:4].args(net))
+    gated = GatedModel(graph)
+    oracles = [LossOracle(gated, data, task, batch_size=config.batch_size, strategy=config.strategy)
+               for data in (evaluation, splits["scoring"])]
+    if truth is not None:
+        for o in oracles:
+            load_truth(truth, name, o)
+    res = run_bench(graph, splits["scoring"], evaluation, task, config, seed=seed, truth=oracles[0],
+                    oracle=oracles[1], log=log)
+    if save_truth_to is not None:
+        for o in oracles:
+            save_truth(save_truth_to, name, o)
+    return res
+
+
+def _weights_digest(net: nn.Module) -> str:
+    """sha256 of a network's parameters and buffers (names, dtypes, shapes, values): its identity in a cache key."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in net.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def regret_table(summary: pd.DataFrame, path: str | Path | None = None) -> pd.DataFrame:

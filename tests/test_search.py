@@ -364,3 +364,36 @@ def test_network_macros_quote_the_shipped_manifest_and_nothing_for_stand_ins():
     assert m["GptTwoOneTwoLTestPplMin"] == f"{min(ppl):.1f}" and m["GptTwoOneTwoLTestPplMean"] == f"{sum(ppl) / 3:.1f}"
     assert "CifarTestAccMean" in network_macros("cifar", STUDIES["cifar"].networks)
     assert network_macros("cifar", ["cifar_resnet20_seed0", "cifar_resnet20_seed7"]) == {}  # one not shipped
+
+
+def test_cached_bench_records_are_reused_per_network_and_keyed_by_the_weights(tmp_path):
+    """With ``cache=True`` a rerun reads each network's records instead of running the searches again (so two
+    processes may score a study's networks apart and a third reads them all); other weights or another config
+    are not a hit, and a hit leaves the truth table as it was."""
+    from dataclasses import replace
+    from surrogate.bench import BenchConfig, Study, score
+    init = {"tiny1": 1, "tiny2": 2}
+
+    def tiny(name, data_dir, log):
+        torch.manual_seed(init[name])
+        net = ResNetCifar(8, 10, 4).eval()
+        torch.manual_seed(0)
+        x, y = torch.randn(72, 3, 32, 32), torch.randint(0, 10, (72,))
+        return net, {"scoring": Subset("scoring", x[:32], y[:32]), "test": Subset("test", x[32:], y[32:])}, \
+            Task("classification")
+
+    study = Study(("tiny1", "tiny2"), BenchConfig(ks=(2,), budgets=("E+2",), ablations=(0.34,), ablation_masks=4),
+                  n_eval=40, load=tiny)
+    table, cache = tmp_path / "truth.csv", tmp_path / "cache"
+    files = lambda: len(list((cache / "bench").glob("*.pkl")))  # noqa: E731
+    kw = dict(save_truth_to=table, cache=True, cache_dir=cache, log=None)
+    one = score(["random_search"], study, networks=["tiny1"], **kw)
+    written = table.read_text()
+    both = score(["random_search"], study, **kw)  # tiny1 read, tiny2 computed
+    assert files() == 2 and [r for r in both.picks if r["network"] == "tiny1"] == one.picks
+    table.write_text(written)
+    assert score(["random_search"], study, **kw).picks == both.picks and table.read_text() == written  # all hits
+    init["tiny1"] = 5  # other weights under the same name
+    assert score(["random_search"], study, networks=["tiny1"], **kw).picks != one.picks and files() == 3
+    fewer = replace(study, config=replace(study.config, budgets=("E",)))
+    assert score(["random_search"], fewer, networks=["tiny2"], **kw) and files() == 4
