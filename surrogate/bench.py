@@ -573,6 +573,7 @@ def bench_macros(study: str, summary: pd.DataFrame, h2h: pd.DataFrame, ranking: 
             m[macro_name(study, "reference", "masks")] = int(sizes.astype(int).max())
     if len(ranking):
         m[macro_name(study, "rank", "masks")] = int(ranking.n_masks.max())
+    m.update(_query_macros(study, picks, ours))
     for i, (p, rows) in enumerate(summary.groupby("P", sort=True)):
         g = rows.groupby("method")["mean"].mean()
         one_k = rows.k.nunique() == 1  # the bootstrap interval over networks is quoted for a single k only
@@ -615,6 +616,23 @@ def bench_macros(study: str, summary: pd.DataFrame, h2h: pd.DataFrame, ranking: 
             if len(ref):
                 m[tag + "Reference"] = fmt(ref.mean(), 1)
     return m
+
+
+def _query_macros(study: str, picks: pd.DataFrame | None, ours: str) -> dict[str, Any]:
+    """What ours' queries of its model cost: per network and k, the queries of its run to the largest budget and
+    their cost in passes (FLOPs counted); macros: the mean number of queries and the mean cost of one query in
+    percent of a pass (and the largest over networks and k)."""
+    from .paper import fmt, macro_name
+    if picks is None or "queries" not in picks or not len(picks):
+        return {}
+    mine = picks[(picks.method == ours) & picks.queries.notna()]
+    if not len(mine):
+        return {}
+    last = mine.sort_values("budget").groupby(["network", "k"]).tail(1)
+    pct = 100 * last.query_passes / last.queries
+    tag = macro_name(study, "query")
+    return {tag + "Count": fmt(last.queries.mean(), 0), tag + "Pct": fmt(pct.mean(), 2),
+            tag + "PctMax": fmt(pct.max(), 2)}
 
 
 def network_macros(study: str, networks: Sequence[str]) -> dict[str, Any]:

@@ -352,6 +352,13 @@ def test_bench_macros_quote_the_tables_they_come_from():
     assert m["CifarPooledRsP"] == pytest.approx(0.125)
     lo, hi = m["CifarBudgetAOursLo"], m["CifarBudgetAOursHi"]  # the bootstrap interval over the two networks
     assert lo == pytest.approx(0.02) and hi == pytest.approx(0.12) and m["CifarBudgetABestOtherHi"] == pytest.approx(0.15)
+    assert "CifarQueryPct" not in m  # no method recorded queries
+    picks["queries"] = picks["query_passes"] = np.nan
+    ours = picks.method == "ours"  # per network: 100 queries worth 0.5 or 1.5 passes, at the largest budget
+    picks.loc[ours, "queries"] = 100.0
+    picks.loc[ours, "query_passes"] = np.where(picks[ours].network == "a", 0.5, 1.5) * picks[ours].budget / 20
+    q = bench_macros("cifar", summary, head_to_head(table, "ours"), ranking, reach, "ours", picks)
+    assert (q["CifarQueryCount"], q["CifarQueryPct"], q["CifarQueryPctMax"]) == ("100", "1.00", "1.50")
 
 
 def test_network_macros_quote_the_shipped_manifest_and_nothing_for_stand_ins():
