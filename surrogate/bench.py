@@ -470,8 +470,8 @@ def score(searches: Sequence[str], study: str | Study = "cifar", *, zero_shot: S
     table also keeps the masks measured on the scoring subset (its own ``subset`` rows), so that a rerun replays
     the searches without running those passes again (they are still charged). The records carry a ``network``
     column. ``cache``: keep each network's records in ``<cache_dir>/bench`` (default cache: ``$SURROGATE_CACHE_DIR``
-    or ``<project>/cache``), keyed by the network's weights, its subsets, the config, the seed and the searches'
-    names, so that a rerun (or another process scoring the same network) reads them; clear it after changing a
+    or ``<project>/cache``), keyed by the network's weights, its subsets' names and sizes, the config, the seed and the
+    searches' names, so that a rerun (or another process scoring the same network) reads them; clear it after changing a
     search's code under the same name."""
     from . import zoo
     if not isinstance(study, Study) and study not in STUDIES:
