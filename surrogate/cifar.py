@@ -23,6 +23,7 @@ import torch.nn as nn
 from .data import cifar_augment, load_cifar10, normalize_cifar, resolve_data_dir
 from .evaluate import Subset, Task
 from .experiment import ExperimentConfig, MaskFamily
+from .metrics import bootstrap_ci
 from .models import ResNetCifar
 from .paper import Macros, fmt
 from .profile import count_macs, count_params, measure_latency
@@ -141,13 +142,16 @@ def cifar_transfer(config: CifarConfig, training: TrainConfig, methods: Sequence
 
 def cifar_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, finetuned: pd.DataFrame,
                  cost: pd.DataFrame, transfer: pd.DataFrame | None = None,
-                 ours: Sequence[str] = ("superposition_pairs", "superposition_state")) -> Macros:
+                 ours: Sequence[str] = ("superposition_pairs", "superposition_state"), *,
+                 agreement: pd.DataFrame | None = None, finetune_tests: pd.DataFrame | None = None) -> Macros:
     """The study's measured numbers for the paper (``Cif...``): the networks' test accuracy and mask families,
     rank agreement and passes (``rank``), the accuracy gap of the picks to the oracle (``picks``, accuracy
     unit; ``CifOursMeanGap`` for the first of ``ours`` that was run) and their test-loss regret, the passes each
     method spent for its picks (``CifPickFwd``: a search's as it ran), accuracy after fine-tuning and before
     (``finetuned``: the summary per method and budget), the cost of the largest pruning and the transfer
-    accuracies."""
+    accuracies; ``agreement`` (``scenarios.zero_shot_agreement`` of the fine-tuned random sample: ``CifFtRho``, its
+    bootstrap interval over networks and range) and ``finetune_tests`` (``report.against_each`` after fine-tuning:
+    ``CifFtVs<Method>Wins``, ...N, ...Diff, ...P)."""
     info = records.info
     gap = summarize(picks, ["method", "removed"], ["gap"])
     mean_gap = gap.groupby("method", as_index=False).gap_mean.mean()
@@ -173,6 +177,16 @@ def cifar_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, fine
         macros.update(macros_from(spent, "CifPickFwd", ["method"], "forward", digits=0))
     macros.update(macros_of(finetuned, ["method", "budget"], {"accuracy_mean": ("CifFt", 1),
                                                               "accuracy_before_mean": ("CifZs", 1)}))
+    if agreement is not None and len(agreement):
+        lo, hi = bootstrap_ci(agreement.spearman)
+        macros.update(CifFtRho=fmt(agreement.spearman.mean(), 2), CifFtRhoLo=fmt(lo, 2), CifFtRhoHi=fmt(hi, 2),
+                      CifFtRhoMin=fmt(agreement.spearman.min(), 2), CifFtRhoMax=fmt(agreement.spearman.max(), 2),
+                      CifFtSampleN=int(agreement.masks.min()), CifFtSampleTotal=int(agreement.masks.sum()))
+    if finetune_tests is not None and len(finetune_tests):
+        macros.update(macros_from(finetune_tests, "CifFtVs", ["other"], "wins", digits=0))
+        macros.update(macros_from(finetune_tests, "CifFtVsN", ["other"], "n", digits=0))
+        macros.update(macros_from(finetune_tests, "CifFtVsDiff", ["other"], "mean_diff", digits=1))
+        macros.update(macros_from(finetune_tests, "CifFtVsP", ["other"], "wilcoxon_p", digits=3))
     if transfer is not None and len(transfer):
         macros.update(macros_from(transfer, "CifTr", ["method", "importance_on"], "accuracy_pct", digits=1))
     return macros

@@ -194,6 +194,32 @@ def paired_comparison(df: pd.DataFrame, metric: str, group: str, *, pair_on: str
     return pd.DataFrame(rows)
 
 
+def against_each(df: pd.DataFrame, metric: str, ours: str, *, pair_on: Sequence[str] = ("seed", "budget"),
+                 higher_is_better: bool = True) -> pd.DataFrame:
+    """``ours`` against every other method of ``df`` (column "method"), paired on the rows' ``pair_on`` values
+    (e.g. network and budget; pairs one of them lacks are left out): one row per other method with both means,
+    the mean difference (ours - other), the pairs where ours is better in the metric's direction ("wins"), the
+    ties, the number of pairs and the two-sided Wilcoxon and paired-t p-values (``metrics.paired_test``)."""
+    keys = list(pair_on)
+    if ours not in set(df.method):
+        raise ValueError(f"method {ours!r} has no rows; the methods are {sorted(set(df.method))}")
+    sign = 1 if higher_is_better else -1
+    mine = df[df.method == ours][[*keys, metric]]
+    rows = []
+    for other in [m for m in dict.fromkeys(df.method) if m != ours]:
+        pairs = pd.merge(mine, df[df.method == other][[*keys, metric]], on=keys, suffixes=("_a", "_b"),
+                         validate="one_to_one")
+        if len(pairs) < 2:
+            continue
+        a, b = pairs[f"{metric}_a"].to_numpy(float), pairs[f"{metric}_b"].to_numpy(float)
+        test = paired_test(a, b)
+        rows.append({"ours": ours, "other": other, "ours_mean": float(a.mean()), "other_mean": float(b.mean()),
+                     "mean_diff": float((a - b).mean()), "wins": int((sign * (a - b) > 0).sum()),
+                     "ties": int((a == b).sum()), "n": len(a), "wilcoxon_p": test["wilcoxon_p"],
+                     "ttest_p": test["ttest_p"]})
+    return pd.DataFrame(rows)
+
+
 def paired_tests(df: pd.DataFrame, protocols: Sequence[str], metrics: Sequence[str], group: str) -> pd.DataFrame:
     """``paired_comparison`` per mask family and metric, as one table led by "protocol" and "metric"."""
     tests = pd.concat([paired_comparison(df[df.protocol == p], metric, group).assign(protocol=p, metric=metric)

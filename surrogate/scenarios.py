@@ -4,7 +4,8 @@ and pruned networks transferred to another task (a fresh output layer, then the 
     recs = finetune_masks(graph, {"ours": mask_a, "taylor2": mask_b}, train, test, Task("classification"),
                           FinetuneConfig(steps=300), key={"seed": 0})
 
-For a study: ``finetune_picks`` fine-tunes the methods' and the oracle's picks that the protocol
+For a study: ``finetune_sample`` fine-tunes random masks on each network, so that ``zero_shot_agreement``
+can say whether the zero-shot ranking of masks survives fine-tuning; ``finetune_picks`` fine-tunes the methods' and the oracle's picks that the protocol
 (``surrogate.studies``) made on each network; ``transfer_picks`` makes the picks on a source network from
 importance measured on the source task and on the target task (through a linear probe) and transfers them.
 
@@ -30,7 +31,8 @@ import torch.nn as nn
 from .evaluate import Subset, Task
 from .gating import prune
 from .graph import ComputationGraph, build_graph
-from .masks import mask_from_text, mask_text, prior_design
+from .masks import mask_from_text, mask_text, prior_design, sparsity_masks
+from .metrics import kendall, spearman
 from .methods import fit_method, fitting_context
 from .progress import Ticker, reporting, say
 from .pruning import Budget, select_mask
@@ -38,8 +40,8 @@ from .studies import Records
 from .tasks import check_data
 from .train import _evaluate, cached_result, finetune, set_seed
 
-__all__ = ["FinetuneConfig", "finetune_masks", "finetune_picks", "linear_probe", "method_picks", "transfer_picks",
-           "mask_text"]
+__all__ = ["FinetuneConfig", "finetune_masks", "finetune_picks", "finetune_sample", "zero_shot_agreement", "linear_probe",
+           "method_picks", "transfer_picks", "mask_text"]
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,50 @@ def finetune_picks(records: Records, nets: Mapping[int, nn.Module | ComputationG
         recs = finetune_masks(graph, {labels[k]: v for k, v in picks.items()}, train, test, task, config,
                               augment=augment, device=device, key={"seed": s}, cache_dir=cache_dir, log=log)
         rows += [{**_in_unit(rec, unit), "method": m, "budget": b} for (m, b), rec in zip(picks, recs)]
+    return pd.DataFrame(rows)
+
+
+def finetune_sample(nets: Mapping[int, nn.Module | ComputationGraph], example: torch.Tensor | None, n: int,
+                    counts: Sequence[int], train: Subset, test: Subset, task: Task,
+                    config: FinetuneConfig = FinetuneConfig(), *, allowed: str | None = None, seed: int = 0,
+                    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                    device: str = "cpu", cache_dir: str | None = None,
+                    log: Callable[[str], None] | None = say) -> pd.DataFrame:
+    """``n`` random masks, each removing one of ``counts`` of the edges whose name matches the regex ``allowed``
+    (default: all; drawn uniformly among the connected masks, seeded by ``seed``, the same masks on every
+    network), pruned, fine-tuned with ``config`` and measured on ``test`` on each network (seed -> model, traced
+    on ``example``; or seed -> graph), cached like ``finetune_masks``. One row per network x mask: seed, label
+    ("sample<i>"), mask, removed, the quality before and after fine-tuning in percent (accuracy_before,
+    accuracy) and the losses. ``zero_shot_agreement`` compares the two rankings."""
+    if n < 2:
+        raise ValueError(f"a sample of {n} masks cannot be ranked; ask for n >= 2 (the paper: 12 per network)")
+    rows = []
+    for s, net in nets.items():
+        graph = net if isinstance(net, ComputationGraph) else build_graph(net, example)
+        removable = np.array([allowed is None or re.search(allowed, name) is not None for name in graph.edge_names])
+        if not removable.any():
+            raise ValueError(f"no prunable edge matches allowed={allowed!r}; edges are e.g. {graph.edge_names[:3]}")
+        masks = sparsity_masks(graph, n, 0.0, 1.0, seed, allowed=removable, counts=counts)
+        if len(masks) < n:
+            raise ValueError(f"only {len(masks)} connected masks remove {list(counts)} of the {int(removable.sum())} "
+                             f"edges matching {allowed!r}; ask for n <= {len(masks)}")
+        recs = finetune_masks(graph, {f"sample{i}": m for i, m in enumerate(masks)}, train, test, task, config,
+                              augment=augment, device=device, key={"seed": s}, cache_dir=cache_dir, log=log)
+        rows += [_in_unit(r, "accuracy") for r in recs]
+    return pd.DataFrame(rows)
+
+
+def zero_shot_agreement(finetuned: pd.DataFrame, by: str = "seed") -> pd.DataFrame:
+    """Per network (column ``by``), how well quality before fine-tuning ranks the same masks' quality after it:
+    Spearman and Kendall correlations of "accuracy_before" and "accuracy" over the network's rows (each mask
+    once), with the number of masks and the mean accuracy lost to pruning and regained by fine-tuning."""
+    rows = []
+    for value, sub in finetuned.drop_duplicates([by, "mask"]).groupby(by, sort=True):
+        if len(sub) < 3:
+            raise ValueError(f"{by}={value!r} has {len(sub)} distinct masks; a rank correlation needs at least 3")
+        rows.append({by: value, "masks": len(sub), "spearman": spearman(sub.accuracy_before, sub.accuracy),
+                     "kendall": kendall(sub.accuracy_before, sub.accuracy),
+                     "accuracy_before": float(sub.accuracy_before.mean()), "accuracy": float(sub.accuracy.mean())})
     return pd.DataFrame(rows)
 
 

@@ -19,7 +19,7 @@ from surrogate.methods import (AdditivePredictor, Method, fitting_context, measu
                                register_method)
 from surrogate.paper import Macros, macro_name
 from surrogate.plotting import draw_graph
-from surrogate.report import macros_from, paired_comparison, wide_table, summarize
+from surrogate.report import against_each, macros_from, paired_comparison, wide_table, summarize
 from surrogate.train import cached_model
 
 
@@ -263,6 +263,20 @@ def test_paired_comparison_pairs_on_seed_and_respects_direction():
                         {"seed": 0, "g": 1, "method": "loo", "v": 0.3}])
     t1 = paired_comparison(one, "v", "g", higher_is_better=False).iloc[0]
     assert t1.wins == 1 and t1.n == 1 and np.isnan(t1.wilcoxon_p)
+
+
+def test_against_each_pairs_on_network_and_budget():
+    rows = [{"seed": s, "budget": b, "method": m, "v": v + 0.1 * s + b}
+            for s in range(3) for b in (2, 3) for m, v in (("ours", 1.0), ("a", 0.5), ("b", 1.5))]
+    rows.append({"seed": 9, "budget": 2, "method": "a", "v": 100.0})  # only the other has it: not paired
+    t = against_each(pd.DataFrame(rows).sample(frac=1.0, random_state=1), "v", "ours").set_index("other")
+    assert list(t.index) != [] and set(t.index) == {"a", "b"}
+    assert t.loc["a", "n"] == 6 and t.loc["a", "wins"] == 6 and t.loc["a", "mean_diff"] == pytest.approx(0.5)
+    assert t.loc["b", "wins"] == 0 and t.loc["b", "mean_diff"] == pytest.approx(-0.5)
+    low = against_each(pd.DataFrame(rows), "v", "ours", higher_is_better=False).set_index("other")
+    assert low.loc["b", "wins"] == 6 and 0 < low.loc["b", "wilcoxon_p"] < 0.05
+    with pytest.raises(ValueError, match="no rows"):
+        against_each(pd.DataFrame(rows), "v", "missing")
 
 
 def test_wide_table_groups_by_any_column():

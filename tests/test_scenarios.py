@@ -1,6 +1,8 @@
 """Fine-tuning and transfer of pruned networks (the draft's scenarios 2 and 3) on tiny models."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +133,55 @@ def test_transfer_picks_estimate_importance_on_both_tasks_and_transfer(setup, tm
     said = "\n".join(lines)  # every phase says what it does, each method's picks how long they took
     assert "transfer: linear probe" in said and "picks on sc: loo (1/2 methods) (" in said
     assert "picks on sc: taylor2 (2/2 methods)" in said and "transfer: fine-tuning 5 networks" in said
+
+
+class FourBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.branch = nn.ModuleList(nn.Linear(6, 8) for _ in range(4))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.branch[0](x).relu()
+        for b in self.branch[1:]:
+            h = h + b(x).relu()
+        return self.head(h)
+
+
+def test_finetune_sample_draws_the_same_allowed_masks_on_every_network(setup, tmp_path):
+    from surrogate.scenarios import finetune_sample, zero_shot_agreement
+    _, train, test = setup
+    torch.manual_seed(1)
+    nets = {0: FourBranches().eval(), 1: FourBranches().eval()}
+    cfg = FinetuneConfig(steps=5, lr=1e-2, batch_size=32)
+    rows = finetune_sample(nets, train.inputs[:2], 4, [1, 2], train, test, Task("classification"), cfg,
+                           allowed=r"relu_[123] ->", cache_dir=tmp_path, log=None)
+    assert len(rows) == 8 and set(rows.seed) == {0, 1} and set(rows.removed) <= {1, 2}
+    assert list(rows[rows.seed == 0]["mask"]) == list(rows[rows.seed == 1]["mask"])   # paired across networks
+    assert rows["mask"].nunique() == 4
+    graph = build_graph(nets[0], train.inputs[:2])
+    kept = [i for i, n in enumerate(graph.edge_names) if not re.search(r"relu_[123] ->", n)]
+    assert all(m[i] == "1" for m in rows["mask"] for i in kept)                       # only allowed edges removed
+    assert rows.accuracy.between(0, 100).all() and (rows.accuracy > 1).any()          # percent, not fractions
+    files = len(list((tmp_path / "finetune").glob("*.pkl")))
+    again = finetune_sample(nets, train.inputs[:2], 4, [1, 2], train, test, Task("classification"), cfg,
+                            allowed=r"relu_[123] ->", cache_dir=tmp_path, log=None)
+    assert files == 8 and len(list((tmp_path / "finetune").glob("*.pkl"))) == 8 and again.equals(rows)
+    agree = zero_shot_agreement(rows)
+    assert list(agree.seed) == [0, 1] and (agree.masks == 4).all() and agree.spearman.between(-1, 1).all()
+    with pytest.raises(ValueError, match="n <= 1"):
+        finetune_sample(nets, train.inputs[:2], 4, [3], train, test, Task("classification"), cfg,
+                        allowed=r"relu_[123] ->", cache_dir=tmp_path, log=None)
+
+
+def test_zero_shot_agreement_ranks_each_network_once_per_mask():
+    import pandas as pd
+    from surrogate.scenarios import zero_shot_agreement
+    df = pd.DataFrame({"seed": [0] * 5, "mask": ["a", "b", "c", "d", "d"],
+                       "accuracy_before": [10.0, 20.0, 30.0, 40.0, 40.0], "accuracy": [50.0, 60.0, 55.0, 70.0, 70.0]})
+    agree = zero_shot_agreement(df)
+    assert agree.masks.item() == 4 and agree.spearman.item() == pytest.approx(0.8)
+    reversed_ = df.assign(accuracy=-df.accuracy)
+    assert zero_shot_agreement(reversed_).spearman.item() == pytest.approx(-0.8)
+    with pytest.raises(ValueError, match="at least 3"):
+        zero_shot_agreement(df.iloc[:2])
