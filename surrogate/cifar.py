@@ -181,7 +181,8 @@ def cifar_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, fine
         lo, hi = bootstrap_ci(agreement.spearman)
         macros.update(CifFtRho=fmt(agreement.spearman.mean(), 2), CifFtRhoLo=fmt(lo, 2), CifFtRhoHi=fmt(hi, 2),
                       CifFtRhoMin=fmt(agreement.spearman.min(), 2), CifFtRhoMax=fmt(agreement.spearman.max(), 2),
-                      CifFtSampleN=int(agreement.masks.min()), CifFtSampleTotal=int(agreement.masks.sum()))
+                      CifFtSampleN=int(agreement.masks.min()), CifFtSampleTotal=int(agreement.masks.sum()),
+                      CifFtRhoLoss=fmt(agreement.spearman_loss.mean(), 2))
     if finetune_tests is not None and len(finetune_tests):
         macros.update(macros_from(finetune_tests, "CifFtVs", ["other"], "wins", digits=0))
         macros.update(macros_from(finetune_tests, "CifFtVsN", ["other"], "n", digits=0))

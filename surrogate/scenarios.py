@@ -269,13 +269,15 @@ def finetune_sample(nets: Mapping[int, nn.Module | ComputationGraph], example: t
 def zero_shot_agreement(finetuned: pd.DataFrame, by: str = "seed") -> pd.DataFrame:
     """Per network (column ``by``), how well quality before fine-tuning ranks the same masks' quality after it:
     Spearman and Kendall correlations of "accuracy_before" and "accuracy" over the network's rows (each mask
-    once), with the number of masks and the mean accuracy lost to pruning and regained by fine-tuning."""
+    once), "spearman_loss" of the zero-shot loss (negated: what a loss surrogate ranks by) and the accuracy after,
+    with the number of masks and the mean accuracy before and after fine-tuning."""
     rows = []
     for value, sub in finetuned.drop_duplicates([by, "mask"]).groupby(by, sort=True):
         if len(sub) < 3:
             raise ValueError(f"{by}={value!r} has {len(sub)} distinct masks; a rank correlation needs at least 3")
         rows.append({by: value, "masks": len(sub), "spearman": spearman(sub.accuracy_before, sub.accuracy),
                      "kendall": kendall(sub.accuracy_before, sub.accuracy),
+                     "spearman_loss": spearman(-sub.loss_before, sub.accuracy),
                      "accuracy_before": float(sub.accuracy_before.mean()), "accuracy": float(sub.accuracy.mean())})
     return pd.DataFrame(rows)
 

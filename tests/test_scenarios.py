@@ -177,10 +177,11 @@ def test_finetune_sample_draws_the_same_allowed_masks_on_every_network(setup, tm
 def test_zero_shot_agreement_ranks_each_network_once_per_mask():
     import pandas as pd
     from surrogate.scenarios import zero_shot_agreement
-    df = pd.DataFrame({"seed": [0] * 5, "mask": ["a", "b", "c", "d", "d"],
+    df = pd.DataFrame({"seed": [0] * 5, "mask": ["a", "b", "c", "d", "d"], "loss_before": [4.0, 3.0, 2.0, 1.0, 1.0],
                        "accuracy_before": [10.0, 20.0, 30.0, 40.0, 40.0], "accuracy": [50.0, 60.0, 55.0, 70.0, 70.0]})
     agree = zero_shot_agreement(df)
     assert agree.masks.item() == 4 and agree.spearman.item() == pytest.approx(0.8)
+    assert agree.spearman_loss.item() == pytest.approx(0.8)  # a lower loss ranks like a higher accuracy
     reversed_ = df.assign(accuracy=-df.accuracy)
     assert zero_shot_agreement(reversed_).spearman.item() == pytest.approx(-0.8)
     with pytest.raises(ValueError, match="at least 3"):
