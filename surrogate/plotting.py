@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from .graph import ComputationGraph
 
-__all__ = ["COLUMN", "TEXT", "set_theme", "method_palette", "lines", "scatter_grid", "picks_figure", "heatmap",
-           "against_dense", "layered_layout", "draw_graph"]
+__all__ = ["COLUMN", "TEXT", "set_theme", "method_palette", "lines", "scatter_grid", "picks_figure", "before_after",
+           "heatmap", "against_dense", "layered_layout", "draw_graph"]
 
 COLUMN, TEXT = 2.7, 5.5   # inches: half the text width and the text width of the paper (paper/main.tex)
 FONT = 8                  # points, every text of the theme
@@ -131,6 +131,24 @@ def picks_figure(picks: "pd.DataFrame", oracle: "pd.DataFrame", unit: str, *, xl
     shown = ordered([m for m in methods if m in set(picks.method)])
     return lines(picks, "removed", y, shown, reference=oracle, reference_label=reference_label, xlabel=xlabel,
                  ylabel=ylabel, width=COLUMN, height=height, logy=logy)
+
+
+def before_after(finetuned: "pd.DataFrame", methods: Sequence[str], *, xlabel: str, reference: str = "oracle",
+                 reference_label: str = "zero-shot oracle", height: float = 2.2):
+    """Each method's pick before ("zero-shot" panel) and after fine-tuning ("fine-tuned" panel) against the number
+    of units it removes: the rows of ``scenarios.finetune_picks`` in accuracy (percent; "accuracy_before",
+    "accuracy", "method", "removed"; rows with nothing removed, the dense network, are left out). The rows of
+    method ``reference`` are drawn dashed; ``methods`` without rows are left out. Returns the figure."""
+    import pandas as pd
+    pruned = finetuned[finetuned.removed > 0]
+    if not len(pruned):
+        raise ValueError("no pruned network among the fine-tuned rows (only the dense one?); fine-tune picks first")
+    stages = pd.concat([pruned.assign(stage=stage, acc=pruned[column]) for stage, column in
+                        (("zero-shot", "accuracy_before"), ("fine-tuned", "accuracy"))], ignore_index=True)
+    shown = [m for m in methods if m in set(pruned.method) and m != reference]
+    return lines(stages[stages.method != reference], "removed", "acc", shown, panel="stage",
+                 panels=["zero-shot", "fine-tuned"], reference=stages[stages.method == reference],
+                 reference_label=reference_label, xlabel=xlabel, ylabel="test accuracy (%)", height=height)
 
 
 def scatter_grid(predictions: Mapping[str, np.ndarray], truth: np.ndarray, methods: Sequence[str], *,

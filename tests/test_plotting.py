@@ -112,6 +112,20 @@ def test_picks_figure_draws_the_methods_that_made_picks_in_registry_order():
         picks_figure(picks, oracle, "bits", xlabel="x")
 
 
+def test_before_after_draws_both_stages_without_the_dense_network():
+    from surrogate.plotting import before_after
+    rows = [{"method": m, "removed": r, "seed": s, "accuracy_before": 50.0 - 10 * r + s, "accuracy": 80.0 - r - s}
+            for m in ("loo", "superposition_pairs", "oracle") for r in (2, 3) for s in (0, 1)]
+    rows.append({"method": "dense", "removed": 0, "seed": 0, "accuracy_before": 90.0, "accuracy": 90.0})
+    fig = before_after(pd.DataFrame(rows), ["superposition_pairs", "loo", "sleb"], xlabel="branches")
+    assert [ax.get_title() for ax in fig.axes] == ["zero-shot", "fine-tuned"]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(labels) == 3 and labels[-1] == "zero-shot oracle"          # sleb has no rows; the dense one is no pick
+    assert all(_ticks(ax) == [2, 3] for ax in fig.axes)
+    with pytest.raises(ValueError, match="no pruned network"):
+        before_after(pd.DataFrame(rows[-1:]), ["loo"], xlabel="branches")
+
+
 def test_heatmap_and_cost_curves():
     fig = heatmap(np.arange(6.0).reshape(2, 3), xlabel="head", ylabel="layer", title="t", label="loss")
     assert fig.axes[0].get_xlabel() == "head" and len(fig.axes) == 2  # the map and its colour bar
