@@ -100,14 +100,6 @@ def resolve_budgets(exprs: Sequence[str | float], e: int) -> list[int]:
     return sorted(out)
 
 
-def _units(graph: ComputationGraph, pattern: str | None) -> np.ndarray:
-    import re
-    ok = np.array([pattern is None or re.search(pattern, n) is not None for n in graph.edge_names], dtype=bool)
-    if not ok.any():
-        raise ValueError(f"no prunable edge matches {pattern!r}; edge names look like {graph.edge_names[:2]}")
-    return ok
-
-
 @dataclass
 class BenchResult:
     """picks: one row per (k, method, budget P); ranking: one row per (ablated fraction, method, P) with the
@@ -129,7 +121,7 @@ def run_bench(model: nn.Module | ComputationGraph, scoring: Subset, evaluation: 
     say = log or (lambda msg: None)
     graph = model if isinstance(model, ComputationGraph) else build_graph(model, scoring[:4].args(model))
     gated = GatedModel(graph)
-    allowed = _units(graph, config.units)
+    allowed = graph.edges_matching(config.units)
     e = int(allowed.sum())
     budgets = resolve_budgets(config.budgets, e)
     oracle = oracle or LossOracle(gated, scoring, task, batch_size=config.batch_size, strategy=config.strategy)

@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping
 
-import re
 
 import numpy as np
 import torch.nn as nn
@@ -69,7 +68,7 @@ class MaskFamily:
     holdout: bool = True
 
     def allowed(self, graph: ComputationGraph) -> np.ndarray:
-        return _allowed(graph, self.edges)
+        return graph.edges_matching(self.edges)
 
     def draw(self, graph: ComputationGraph, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
         """The family's masks for ``graph`` (``exclude``: masks never to draw, e.g. the fitting masks)."""
@@ -92,15 +91,6 @@ class MaskFamily:
                 m = m[np.array([mask_key(r) not in seen for r in m], dtype=bool)]
             return m
         raise ValueError(f"unknown mask family kind {self.kind!r}; use 'bernoulli', 'removed' or 'exhaustive'")
-
-
-def _allowed(graph: ComputationGraph, pattern: str | None) -> np.ndarray:
-    if pattern is None:
-        return np.ones(graph.num_prunable, dtype=bool)
-    ok = np.array([re.search(pattern, n) is not None for n in graph.edge_names], dtype=bool)
-    if not ok.any():
-        raise ValueError(f"no prunable edge matches {pattern!r}; edge names look like {graph.edge_names[:2]}")
-    return ok
 
 
 @dataclass(frozen=True)
@@ -223,7 +213,7 @@ def _experiment(model: nn.Module | ComputationGraph, scoring: Subset, evaluation
     graph = model if isinstance(model, ComputationGraph) else _build(model, scoring, config.graph)
     e = graph.num_prunable
     key = {**dict(key or {}), "edges": e}
-    removable = _allowed(graph, config.budget_edges)
+    removable = graph.edges_matching(config.budget_edges)
     max_removed = max((_budget_edges(config, b, int(removable.sum())) for b in config.budgets), default=None)
 
     # 1. the fitting design, measured once; outputs kept if a method is built from them

@@ -276,6 +276,16 @@ class ComputationGraph:
         raise KeyError(f"no prunable edge named {name!r}; the graph has {self.num_prunable} prunable edges"
                        f" (graph.edge_names lists them){'; similar: ' + ', '.join(close) if close else ''}")
 
+    def edges_matching(self, pattern: str | None) -> np.ndarray:
+        """(E,) booleans: the prunable edges whose name matches the regex ``pattern`` (``re.search``; None: all).
+        ValueError when none does."""
+        if pattern is None:
+            return np.ones(self.num_prunable, dtype=bool)
+        ok = np.array([re.search(pattern, n) is not None for n in self.edge_names], dtype=bool)
+        if not ok.any():
+            raise ValueError(f"no prunable edge matches {pattern!r}; edge names look like {self.edge_names[:3]}")
+        return ok
+
     def vertex(self, name: str) -> Vertex:
         for v in self.vertices:
             if v.name == name:

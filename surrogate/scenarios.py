@@ -4,9 +4,9 @@ and pruned networks transferred to another task (a fresh output layer, then the 
     recs = finetune_masks(graph, {"ours": mask_a, "taylor2": mask_b}, train, test, Task("classification"),
                           FinetuneConfig(steps=300), key={"seed": 0})
 
-For a study: ``finetune_sample`` fine-tunes random masks on each network, so that ``zero_shot_agreement``
-can say whether the zero-shot ranking of masks survives fine-tuning; ``finetune_picks`` fine-tunes the methods' and the oracle's picks that the protocol
-(``surrogate.studies``) made on each network; ``transfer_picks`` makes the picks on a source network from
+For a study: ``finetune_sample`` fine-tunes random masks on each network, so that ``zero_shot_agreement`` can
+say whether the zero-shot ranking of masks survives fine-tuning; ``finetune_picks`` fine-tunes the methods' and
+the oracle's picks that the protocol (``surrogate.studies``) made on each network; ``transfer_picks`` makes the picks on a source network from
 importance measured on the source task and on the target task (through a linear probe) and transfers them.
 
 Every mask is pruned physically (``surrogate.gating.prune``), so a fine-tuned network is exactly the small
@@ -19,7 +19,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -141,9 +140,7 @@ def method_picks(model: nn.Module | ComputationGraph, scoring: Subset, task: Tas
     method (time so far and left), and the measurements' own progress lines."""
     check_data(scoring, task, model.module if isinstance(model, ComputationGraph) else model)
     graph = model if isinstance(model, ComputationGraph) else build_graph(model, scoring[:2].args(model))
-    removable = np.array([allowed is None or re.search(allowed, n) is not None for n in graph.edge_names])
-    if not removable.any():
-        raise ValueError(f"no prunable edge matches allowed={allowed!r}; edges are e.g. {graph.edge_names[:3]}")
+    removable = graph.edges_matching(allowed)
     if max(budgets, default=0) > removable.sum():
         raise ValueError(f"a budget of {max(budgets)} edges exceeds the {int(removable.sum())} removable ones")
     tick = Ticker(f"picks on {scoring.name}", len(methods), log)
@@ -249,13 +246,11 @@ def finetune_sample(nets: Mapping[int, nn.Module | ComputationGraph], example: t
     ("sample<i>"), mask, removed, the quality before and after fine-tuning in percent (accuracy_before,
     accuracy) and the losses. ``zero_shot_agreement`` compares the two rankings."""
     if n < 2:
-        raise ValueError(f"a sample of {n} masks cannot be ranked; ask for n >= 2 (the paper: 12 per network)")
+        raise ValueError(f"a sample of {n} masks cannot be ranked; ask for n >= 2 (the paper: 10 per network)")
     rows = []
     for s, net in nets.items():
         graph = net if isinstance(net, ComputationGraph) else build_graph(net, example)
-        removable = np.array([allowed is None or re.search(allowed, name) is not None for name in graph.edge_names])
-        if not removable.any():
-            raise ValueError(f"no prunable edge matches allowed={allowed!r}; edges are e.g. {graph.edge_names[:3]}")
+        removable = graph.edges_matching(allowed)
         masks = sparsity_masks(graph, n, 0.0, 1.0, seed, allowed=removable, counts=counts)
         if len(masks) < n:
             raise ValueError(f"only {len(masks)} connected masks remove {list(counts)} of the {int(removable.sum())} "

@@ -1,6 +1,7 @@
 """Properties of the computation graph, the gates and physical pruning, on tiny models of many kinds."""
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -548,6 +549,11 @@ def test_bad_masks_and_names_raise(case):
         prune(graph, torch.full((e,), 0.5))
     with pytest.raises(KeyError, match="no prunable edge"):
         graph.edge_index("not -> an edge")
+    first = graph.edge_names[0]
+    assert graph.edges_matching(None).all() and graph.edges_matching(None).shape == (e,)
+    assert graph.edges_matching("^" + re.escape(first) + "$").tolist() == [True] + [False] * (e - 1)
+    with pytest.raises(ValueError, match="no prunable edge matches"):
+        graph.edges_matching("not -> an edge")
     with pytest.raises(ValueError, match="dimensions"):
         gated(x[0])
 
