@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from surrogate.data import TeacherTaskConfig
-from surrogate.study import StudyConfig, run_graph
+from surrogate.study import StudyConfig, run_graph, study_experiment
 
 
 def main() -> None:
@@ -23,8 +23,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1000, 1001, 1002])
     ap.add_argument("--out", default="build/bench/bench_methods.csv")
     args = ap.parse_args()
-    cfg = StudyConfig(sizes=(args.size,), task=TeacherTaskConfig(n_score=1000, n_test=4000), n_test_masks=300,
-                      budgets=(0.1, 0.25), extra_k=(0,), k_methods=())
+    cfg = StudyConfig(sizes=(args.size,), task=TeacherTaskConfig(n_score=1000, n_test=4000),
+                      experiment=study_experiment(300, budgets=(0.1, 0.25), extra_k=(0,), k_methods=()))
     prot, reg = [], []
     for seed in args.seeds:
         r = run_graph(cfg, args.size, seed)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -31,7 +31,7 @@ from .report import macros_from, summarize, wide_table
 from .studies import Records, collect
 from .train import TrainConfig, cached_model, cached_result, train
 
-__all__ = ["StudyConfig", "run_graph", "run_study", "PROTOCOLS", "SIZE_METRICS", "study_network", "size_bucket",
+__all__ = ["StudyConfig", "study_experiment", "run_graph", "run_study", "PROTOCOLS", "SIZE_METRICS", "study_network", "size_bucket",
            "size_word", "size_tables", "overtraining", "overtraining_macros", "synthetic_macros", "REGRET_METHODS"]
 
 PROTOCOLS = ("prior", "realistic")
@@ -43,38 +43,43 @@ REGRET_METHODS = ("magnitude", "taylor2", "connectivity", "loo", "fcn", "prior_g
 MACRO_METHODS = ("connectivity", "taylor2", "loo", "prior_graph", "flow", "graph_flow", "superposition")
 
 
+def study_experiment(n_test_masks: int = 200, keep_prob: float = 0.5,
+                     realistic: tuple[float, float] = (0.05, 0.25), **changes: Any) -> ExperimentConfig:
+    """The study's protocol: ``n_test_masks`` test masks per protocol, "prior" (each edge kept with
+    probability ``keep_prob``; no holdout) and "realistic" (a fraction in ``realistic`` of the edges removed);
+    budgets as fractions of the edges, unconstrained picks; ``changes`` override any other field of
+    ``ExperimentConfig`` (``budgets``, ``extra_k``, ``methods``, ...)."""
+    families = (MaskFamily("prior", "bernoulli", n=n_test_masks, keep_prob=keep_prob, holdout=False),
+                MaskFamily("realistic", "removed", n=n_test_masks, removed=realistic))
+    base = dict(methods=("random", "magnitude", "taylor1", "taylor1_abs", "taylor2", "connectivity", "loo", "flow",
+                         "linear", "fcn", "prior_graph", "graph_flow", "superposition"),
+                graph=GraphOptions(vertices=(Block,), edges="all"), families=families, budgets=(0.1, 0.25),
+                budget_unit="fraction", connected_picks=False, extra_k=(0, 25, 50, 100),
+                k_methods=("linear", "fcn", "graph_flow", "superposition"))
+    return ExperimentConfig(**{**base, **changes})
+
+
 @dataclass(frozen=True)
 class StudyConfig:
+    """The networks of the study (graph sizes, seeds, width, task, training) and the protocol every one of
+    them goes through (``experiment``: ``study_experiment(...)``)."""
     sizes: tuple[int, ...] = (2, 5)                  # generator iterations (the prior study: 2, 5, 14, 30)
     graphs_per_size: int = 2                         # independently seeded graphs per size
     first_seed: int = 0                              # graph g of a size uses seed first_seed + g
     width: int = 32                                  # hidden width of every block
     task: TeacherTaskConfig = TeacherTaskConfig(n_score=256, n_test=1000)
     train: TrainConfig = TrainConfig()
-    n_test_masks: int = 200                          # per protocol
-    keep_prob: float = 0.5                           # prior protocol
-    realistic: tuple[float, float] = (0.05, 0.25)    # realistic protocol: fraction of edges removed
-    budgets: tuple[float, ...] = (0.1, 0.25)         # regret: fraction of edges removed
-    exhaustive_limit: int = 2000                     # exhaustive optimum when C(E, b) is at most this
-    search_random: int = 100                         # otherwise: random masks at the budget ...
-    search_swaps: int = 100                          # ... and swap moves around the best mask found
-    beam_width: int = 4                              # mask search for non-additive predictors
-    extra_k: tuple[int, ...] = (0, 25, 50, 100)      # sample efficiency: masks beyond the prior design
-    methods: tuple[str, ...] = ("random", "magnitude", "taylor1", "taylor1_abs", "taylor2", "connectivity", "loo",
-                                "flow", "linear", "fcn", "prior_graph", "graph_flow", "superposition")
-    k_methods: tuple[str, ...] = ("linear", "fcn", "graph_flow", "superposition")
-    eval_batch: int = 2048
+    experiment: ExperimentConfig = field(default_factory=study_experiment)
 
+    def __post_init__(self) -> None:
+        names = tuple(f.name for f in self.experiment.families)
+        if sorted(names) != sorted(PROTOCOLS):
+            raise ValueError(f"the study's tables need the mask families {PROTOCOLS}, got {names}: build the "
+                             "experiment with surrogate.study.study_experiment(n_test_masks=..., ...)")
 
-def _experiment_config(cfg: StudyConfig) -> ExperimentConfig:
-    return ExperimentConfig(
-        methods=cfg.methods,
-        graph=GraphOptions(vertices=(Block,), edges="all"),
-        families=(MaskFamily("prior", "bernoulli", n=cfg.n_test_masks, keep_prob=cfg.keep_prob, holdout=False),
-                  MaskFamily("realistic", "removed", n=cfg.n_test_masks, removed=cfg.realistic)),
-        budgets=cfg.budgets, budget_unit="fraction", connected_picks=False,
-        exhaustive_limit=cfg.exhaustive_limit, search_random=cfg.search_random, search_swaps=cfg.search_swaps,
-        beam_width=cfg.beam_width, extra_k=cfg.extra_k, k_methods=cfg.k_methods, eval_batch=cfg.eval_batch)
+    @property
+    def n_test_masks(self) -> int:
+        return self.experiment.families[0].n
 
 
 def study_network(cfg: StudyConfig, size: int, seed: int, cache_dir: str | None = None,
@@ -101,7 +106,7 @@ def study_network(cfg: StudyConfig, size: int, seed: int, cache_dir: str | None 
 def run_graph(cfg: StudyConfig, size: int, seed: int, cache_dir: str | None = None) -> dict[str, Any]:
     """Everything measured on one random graph: records for the info, protocols, regret and efficiency tables."""
     net, split, meta = study_network(cfg, size, seed, cache_dir)
-    res = run_experiment(net, split["score"], split["test"], Task("classification"), _experiment_config(cfg),
+    res = run_experiment(net, split["score"], split["test"], Task("classification"), cfg.experiment,
                          seed=seed, mask_seed=10_000 * size + seed, key={"size": size, "seed": seed})
     info = {**res.info, "best_epoch": meta.get("best_epoch"), "chance_loss": math.log(cfg.task.num_classes)}
     return {"info": info, "protocols": res.protocols, "by_k": res.by_k, "regret": res.regret,
@@ -196,7 +201,7 @@ def overtraining(cfg: StudyConfig, size: int, graphs: int, epochs: int, workers:
     no early stopping (the last kept), through the same protocol (no budgets or extra masks): the mean
     Spearman per training, protocol and method, and the networks' test accuracy, loss and best epoch per
     training."""
-    over = replace(cfg, sizes=(size,), graphs_per_size=graphs, budgets=(), extra_k=(),
+    over = replace(cfg, sizes=(size,), graphs_per_size=graphs, experiment=replace(cfg.experiment, budgets=(), extra_k=()),
                    train=replace(cfg.train, epochs=epochs, patience=None, keep="last"))
     runs = {"early-stopped": run_study(replace(over, train=cfg.train), workers, cache_dir, progress=False),
             "over-trained": run_study(over, workers, cache_dir, progress=False)}
@@ -224,7 +229,8 @@ def synthetic_macros(cfg: StudyConfig, profile: str, info: pd.DataFrame, summary
     paired tests."""
     macros = Macros(SynGraphsPerSize=cfg.graphs_per_size, SynTestMasks=cfg.n_test_masks, SynScoreN=cfg.task.n_score,
                     SynEvalN=cfg.task.n_test, SynGraphs=len(info), SynProfile=profile,
-                    SynEffMax=max(cfg.extra_k), SynRegretBudgetPct=int(round(100 * max(cfg.budgets))))
+                    SynEffMax=max(cfg.experiment.extra_k),
+                    SynRegretBudgetPct=int(round(100 * max(cfg.experiment.budgets))))
     key, names = list(MACRO_METHODS), {"size": size_word}
     t = tests[tests.metric == "spearman"]
     per_size = info.groupby("size").agg(EdgesMin=("edges", "min"), EdgesMax=("edges", "max"),
@@ -236,9 +242,9 @@ def synthetic_macros(cfg: StudyConfig, profile: str, info: pd.DataFrame, summary
     for df, prefix, keys, value, digits, nm in (
             (summary[summary.method.isin(key)], "Syn", ["protocol", "method", "size"], "spearman_mean", 3, names),
             (prior, "SynPriorConn", ["method", "size"], "spearman_connected_mean", 3, names),
-            (efficiency[efficiency.extra == max(cfg.extra_k)], "SynEff", ["protocol", "method", "size"],
+            (efficiency[efficiency.extra == max(cfg.experiment.extra_k)], "SynEff", ["protocol", "method", "size"],
              "spearman_mean", 3, names),
-            (regret[(regret.budget_frac == max(cfg.budgets)) & regret.method.isin(REGRET_METHODS)], "SynRegret",
+            (regret[(regret.budget_frac == max(cfg.experiment.budgets)) & regret.method.isin(REGRET_METHODS)], "SynRegret",
              ["method", "size"], "regret_mean", 3, names),
             (t, "SynPaired", ["protocol", "size"], "wilcoxon_p", 2, {"size": lambda s: "P" + size_word(s)}),
             (t, "SynPaired", ["protocol", "size"], "wins", 0, {"size": lambda s: "Wins" + size_word(s)}),

@@ -268,6 +268,8 @@ def _jsonable(obj: Any) -> Any:
         return [_jsonable(v) for v in obj]
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
+    if isinstance(obj, type):  # a module class named in a config (a graph's vertex types)
+        return f"{obj.__module__}.{obj.__qualname__}"
     raise TypeError(f"cannot hash {type(obj).__name__} into a cache key; use dataclasses, dicts and literals")
 
 

@@ -8,15 +8,17 @@ import pytest
 
 import surrogate.study as study
 from surrogate.data import TeacherTaskConfig
+from surrogate.experiment import ExperimentConfig
 from surrogate.report import ordered, paired_tests, summarize
 from surrogate.study import (PROTOCOLS, SIZE_METRICS, StudyConfig, overtraining, overtraining_macros, run_study,
-                             size_tables, synthetic_macros)
+                             size_tables, study_experiment, synthetic_macros)
 from surrogate.train import TrainConfig
 
 TINY = StudyConfig(sizes=(2,), graphs_per_size=2, width=8,
                    task=TeacherTaskConfig(n_train=200, n_val=100, n_score=64, n_test=128),
-                   train=TrainConfig(epochs=3, batch_size=64), n_test_masks=12, budgets=(0.2,), extra_k=(),
-                   methods=("loo", "superposition"), k_methods=(), search_random=5, search_swaps=5)
+                   train=TrainConfig(epochs=3, batch_size=64),
+                   experiment=study_experiment(12, budgets=(0.2,), extra_k=(), methods=("loo", "superposition"),
+                                               k_methods=(), search_random=5, search_swaps=5))
 
 
 def test_study_records_are_cached_per_graph(tmp_path, monkeypatch: pytest.MonkeyPatch):
@@ -32,7 +34,16 @@ def test_study_records_are_cached_per_graph(tmp_path, monkeypatch: pytest.Monkey
     for k in ("info", "protocols", "regret"):
         pd.testing.assert_frame_equal(getattr(first, k), getattr(again, k))
     with pytest.raises(AssertionError, match="measured again"):  # another config is another key
-        run_study(replace(TINY, n_test_masks=13), cache_dir=str(tmp_path), progress=False)
+        run_study(replace(TINY, experiment=study_experiment(13, **{k: getattr(TINY.experiment, k) for k in (
+            "budgets", "extra_k", "methods", "k_methods", "search_random", "search_swaps")})),
+            cache_dir=str(tmp_path), progress=False)
+
+
+def test_study_config_holds_one_protocol_with_both_families():
+    assert TINY.n_test_masks == 12 and TINY.experiment.budgets == (0.2,) and not TINY.experiment.connected_picks
+    assert StudyConfig().experiment == study_experiment()  # the defaults are the study's protocol
+    with pytest.raises(ValueError, match="study_experiment"):
+        StudyConfig(experiment=ExperimentConfig())  # one "realistic" family: the tables need "prior" too
 
 
 def test_study_progress_is_plain_lines_with_time_left(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys):
@@ -49,10 +60,10 @@ def test_parallel_workers_are_refused_on_an_accelerator(tmp_path):
 
 
 def test_the_synthetic_tables_and_macros_come_from_the_records(tmp_path):
-    cfg = replace(TINY, extra_k=(0, 4), k_methods=("superposition",))
+    cfg = replace(TINY, experiment=replace(TINY.experiment, extra_k=(0, 4), k_methods=("superposition",)))
     rec = run_study(cfg, cache_dir=str(tmp_path), progress=False)
     summary = summarize(rec.protocols, ["protocol", "method", "size"], SIZE_METRICS)
-    tables = size_tables(summary, rec.info, cfg.sizes, ordered(cfg.methods))
+    tables = size_tables(summary, rec.info, cfg.sizes, ordered(cfg.experiment.methods))
     assert set(tables) == {f"{m}_{p}" for m in ("spearman", "kendall", "top10") for p in PROTOCOLS} | {
         "spearman_prior_connected"}
     assert list(tables["spearman_prior"].columns) == ["Method", "10-15"]  # the prior study's name of size 2

@@ -309,3 +309,12 @@ def test_finetune_with_sgd_trains_and_refuses_unknown_optimizers():
     assert float(task.per_sample(net(x), y)[0].mean()) < before
     with pytest.raises(ValueError, match="optimizer"):
         finetune(net, data, task, 1, optimizer="lion")
+
+
+def test_config_hash_names_classes_and_refuses_objects() -> None:
+    from surrogate.models import Block
+    from surrogate.train import config_hash
+    assert config_hash({"vertices": (Block,)}) == config_hash({"vertices": (Block,)})
+    assert config_hash({"vertices": (Block,)}) != config_hash({"vertices": (nn.Linear,)})
+    with pytest.raises(TypeError, match="cache key"):
+        config_hash({"model": nn.Linear(2, 2)})
