@@ -143,7 +143,8 @@ def cifar_transfer(config: CifarConfig, training: TrainConfig, methods: Sequence
 def cifar_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, finetuned: pd.DataFrame,
                  cost: pd.DataFrame, transfer: pd.DataFrame | None = None,
                  ours: Sequence[str] = ("superposition_pairs", "superposition_state"), *,
-                 agreement: pd.DataFrame | None = None, finetune_tests: pd.DataFrame | None = None) -> Macros:
+                 agreement: pd.DataFrame | None = None, finetune_tests: pd.DataFrame | None = None,
+                 finetune_edges: pd.DataFrame | None = None) -> Macros:
     """The study's measured numbers for the paper (``Cif...``): the networks' test accuracy and mask families,
     rank agreement and passes (``rank``), the accuracy gap of the picks to the oracle (``picks``, accuracy
     unit; ``CifOursMeanGap`` for the first of ``ours`` that was run) and their test-loss regret, the passes each
@@ -151,7 +152,9 @@ def cifar_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, fine
     (``finetuned``: the summary per method and budget), the cost of the largest pruning and the transfer
     accuracies; ``agreement`` (``scenarios.zero_shot_agreement`` of the fine-tuned random sample: ``CifFtRho``, its
     bootstrap interval over networks and range) and ``finetune_tests`` (``report.against_each`` after fine-tuning:
-    ``CifFtVs<Method>Wins``, ...N, ...Diff, ...P)."""
+    ``CifFtVs<Method>Wins``, ...N, ...Diff, ...P); ``finetune_edges`` (the rows of
+    ``scenarios.finetune_method_picks``, the picks over all edges fine-tuned: means per method and budget,
+    ``CifFtEdge...`` after, ``CifZsEdge...`` before, ``CifFtEdgePasses...``)."""
     info = records.info
     gap = summarize(picks, ["method", "removed"], ["gap"])
     mean_gap = gap.groupby("method", as_index=False).gap_mean.mean()
@@ -177,6 +180,11 @@ def cifar_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, fine
         macros.update(macros_from(spent, "CifPickFwd", ["method"], "forward", digits=0))
     macros.update(macros_of(finetuned, ["method", "budget"], {"accuracy_mean": ("CifFt", 1),
                                                               "accuracy_before_mean": ("CifZs", 1)}))
+    if finetune_edges is not None and len(finetune_edges):
+        edges = summarize(finetune_edges, ["method", "budget"], ["accuracy_before", "accuracy", "passes"])
+        macros.update(macros_of(edges, ["method", "budget"], {"accuracy_mean": ("CifFtEdge", 1),
+                                                              "accuracy_before_mean": ("CifZsEdge", 1),
+                                                              "passes_mean": ("CifFtEdgePasses", 0)}))
     if agreement is not None and len(agreement):
         lo, hi = bootstrap_ci(agreement.spearman)
         macros.update(CifFtRho=fmt(agreement.spearman.mean(), 2), CifFtRhoLo=fmt(lo, 2), CifFtRhoHi=fmt(hi, 2),

@@ -97,8 +97,10 @@ def lines(df: "pd.DataFrame", x: str, y: str, methods: Sequence[str], *, panel: 
         if pd.api.types.is_integer_dtype(df[x]):  # matplotlib's default steps, whole numbers only, one tick for one x
             ax.xaxis.set_major_locator(MaxNLocator("auto", steps=[1, 2, 2.5, 5, 10], integer=True, min_n_ticks=1))
         ax.set_title(panel_title(v) if panel else "")
-        ax.set_xlabel(xlabel or x)
+        ax.set_xlabel(xlabel or x if len(values) == 1 else "")
         ax.set_ylabel(ylabel or y if ax is axes[0, 0] else "")
+    if len(values) > 1:  # one label under all panels: one per panel collides when it is wider than a panel
+        fig.supxlabel(xlabel or x, fontsize=plt.rcParams["axes.labelsize"])
     if legend:
         handles, names = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0),
@@ -155,8 +157,10 @@ def scatter_grid(predictions: Mapping[str, np.ndarray], truth: np.ndarray, metho
                  rho: Mapping[str, float] | None = None, width: float = TEXT, height: float = 1.7,
                  ylabel: str = "true loss", labels: Callable[[str], str] | None = None, max_panels: int = 8):
     """Predicted against true loss, one panel per method (methods with a constant prediction are left out:
-    an empty panel says nothing). ``rho``: a correlation shown in each title. Returns the figure."""
+    an empty panel says nothing), with the diagonal where predictions are on the loss's scale. ``rho``: a
+    correlation shown in each title. Returns the figure."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     labels = labels or default_label
     shown = [m for m in methods if m in predictions and np.ptp(np.asarray(predictions[m])) > 0][:max_panels]
     if not shown:
@@ -164,14 +168,25 @@ def scatter_grid(predictions: Mapping[str, np.ndarray], truth: np.ndarray, metho
     fig, axes = plt.subplots(1, len(shown), figsize=(width, height), squeeze=False)
     for ax, m in zip(axes[0], shown):
         ax.scatter(predictions[m], truth, s=4, alpha=0.5, lw=0, color="tab:blue")
+        _diagonal(ax, predictions[m], truth)
         # long labels are wrapped to the panel's width (about 16 characters per inch at 8 pt)
         title = textwrap.fill(labels(m).split(" (")[0], max(8, int(16 * width / len(shown))))
         ax.set_title(title + (f"\n$\\rho$ = {float(rho[m]):.2f}" if rho is not None and m in rho else ""))
         ax.set_xlabel("prediction")
-        ax.locator_params(nbins=4)
+        ax.xaxis.set_major_locator(MaxNLocator(3))  # narrow panels: more tick labels run into each other
+        ax.yaxis.set_major_locator(MaxNLocator(4))
     axes[0, 0].set_ylabel(ylabel)
     fig.tight_layout()
     return fig
+
+
+def _diagonal(ax, x: np.ndarray, y: np.ndarray) -> None:
+    """The line prediction = truth, dotted, over the range where the two overlap (a loss model's predictions
+    lie on it; a score on another scale, e.g. a Taylor importance, does not reach it and gets no line)."""
+    lo = max(np.min(x), np.min(y))
+    hi = min(np.max(x), np.max(y))
+    if hi > lo:
+        ax.plot([lo, hi], [lo, hi], color="0.3", lw=0.7, ls=":", zorder=3)
 
 
 def heatmap(values: np.ndarray, *, xlabel: str, ylabel: str, title: str, label: str, width: float = COLUMN,

@@ -32,14 +32,14 @@ from .gating import prune
 from .graph import ComputationGraph, build_graph
 from .masks import mask_from_text, mask_text, prior_design, sparsity_masks
 from .metrics import kendall, spearman
-from .methods import fit_method, fitting_context
+from .methods import METHODS, fit_method, fitting_context
 from .progress import Ticker, reporting, say
 from .pruning import Budget, select_mask
 from .studies import Records
 from .tasks import check_data
 from .train import _evaluate, cached_result, finetune, set_seed
 
-__all__ = ["FinetuneConfig", "finetune_masks", "finetune_picks", "finetune_sample", "zero_shot_agreement", "linear_probe",
+__all__ = ["FinetuneConfig", "finetune_masks", "finetune_picks", "finetune_method_picks", "finetune_sample", "zero_shot_agreement", "linear_probe",
            "method_picks", "transfer_picks", "mask_text"]
 
 
@@ -138,6 +138,16 @@ def method_picks(model: nn.Module | ComputationGraph, scoring: Subset, task: Tas
     protocol's fitting and search without its truth (e.g. importance estimated on a source task, to be
     transferred). Picks keep an input->output path. Returns {(method, budget): mask}. ``log``: a line per
     method (time so far and left), and the measurements' own progress lines."""
+    return _picks_and_passes(model, scoring, task, methods, budgets, allowed=allowed, seed=seed,
+                             batch_size=batch_size, log=log)[0]
+
+
+def _picks_and_passes(model: nn.Module | ComputationGraph, scoring: Subset, task: Task, methods: Sequence[str],
+                      budgets: Sequence[int], *, allowed: str | None = None, seed: int = 0, batch_size: int = 256,
+                      log: Callable[[str], None] | None = None) -> tuple[dict[tuple[str, int], np.ndarray],
+                                                                         dict[str, int]]:
+    """``method_picks``' picks, and the passes over ``scoring`` each method costs (forward + backward; a fitted
+    method's measured masks included)."""
     check_data(scoring, task, model.module if isinstance(model, ComputationGraph) else model)
     graph = model if isinstance(model, ComputationGraph) else build_graph(model, scoring[:2].args(model))
     removable = graph.edges_matching(allowed)
@@ -147,14 +157,15 @@ def method_picks(model: nn.Module | ComputationGraph, scoring: Subset, task: Tas
     with reporting(log) if log is not None else contextlib.nullcontext():
         ctx = fitting_context(graph, scoring, task, methods, prior_design(graph.num_prunable), seed=seed,
                               batch_size=batch_size, removable=removable, max_removed=max(budgets, default=0))
-        picks = {}
+        picks, passes = {}, {}
         for i, m in enumerate(methods, 1):
             pred = fit_method(m, ctx)
+            passes[m] = sum(METHODS[m].passes_in(ctx).values())
             for b in budgets:
                 picks[(m, b)] = select_mask(pred, graph, Budget(edges=b), allowed=None if removable.all() else removable)
             if log is not None:
                 log(f"picks on {scoring.name}: {m} ({i}/{len(methods)} methods) {tick.timing(i)}")
-    return picks
+    return picks, passes
 
 
 def linear_probe(model: nn.Module, train: Subset, config: FinetuneConfig = FinetuneConfig(), *, head: str = "fc",
@@ -230,6 +241,39 @@ def finetune_picks(records: Records, nets: Mapping[int, nn.Module | ComputationG
         recs = finetune_masks(graph, {labels[k]: v for k, v in picks.items()}, train, test, task, config,
                               augment=augment, device=device, key={"seed": s}, cache_dir=cache_dir, log=log)
         rows += [{**_in_unit(rec, unit), "method": m, "budget": b} for (m, b), rec in zip(picks, recs)]
+    return pd.DataFrame(rows)
+
+
+def finetune_method_picks(nets: Mapping[int, nn.Module], scoring: Subset, methods: Sequence[str],
+                          budgets: Sequence[int], train: Subset, test: Subset, task: Task,
+                          config: FinetuneConfig = FinetuneConfig(), *, allowed: str | None = None,
+                          unit: str = "accuracy", seed: int = 0,
+                          augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+                          device: str = "cpu", cache_dir: str | None = None,
+                          log: Callable[[str], None] | None = say) -> pd.DataFrame:
+    """Scenario 2 over another set of removable edges than the protocol's: on each network (seed -> model,
+    traced on two ``scoring`` inputs), each method's pick at each budget among the edges matching the regex
+    ``allowed`` (default: all, e.g. ResNet shortcuts too), made by ``method_picks`` on ``scoring`` (cached),
+    then pruned, fine-tuned and measured as ``finetune_masks`` does. One row per network x pick, as
+    ``finetune_picks`` gives (no dense row), with the passes over ``scoring`` the method spent ("passes")."""
+    rows = []
+    for s, net in nets.items():
+        graph = build_graph(net, scoring[:2].args(net))
+        weights = _fingerprint(*[p.detach() for p in net.parameters()])
+        data = _fingerprint(*(t.float() for t in (*scoring.args(net), scoring.targets)))
+        key = ({"weights": weights, "scoring": data, "methods": list(methods), "budgets": list(budgets),
+                "allowed": allowed, "seed": seed, "task": task.kind}, {"seed": s})
+        def run() -> dict[str, Any]:
+            picks, passes = _picks_and_passes(graph, scoring, task, methods, budgets, allowed=allowed, seed=seed,
+                                              log=log)
+            return {"masks": {f"{m}@{b}": mask_text(v) for (m, b), v in picks.items()}, "passes": passes}
+
+        made = cached_result(key, run, cache_dir, kind="picks")
+        recs = finetune_masks(graph, made["masks"], train, test, task, config, augment=augment, device=device,
+                              key={"seed": s}, cache_dir=cache_dir, log=log)
+        for r in recs:
+            m, _, b = r["label"].rpartition("@")
+            rows.append({**_in_unit(r, unit), "method": m, "budget": int(b), "passes": made["passes"][m]})
     return pd.DataFrame(rows)
 
 

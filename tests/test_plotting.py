@@ -134,3 +134,25 @@ def test_heatmap_and_cost_curves():
     fig = against_dense(cost, "macs_rel", {"a_rel": "batch 1", "b_rel": "batch 8"}, xlabel="MACs", ylabel="latency")
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels == ["batch 1", "batch 8", "proportional"]
+
+
+def test_panels_share_one_axis_label_and_titles_do_not_overlap():
+    fig = lines(curves(LONGEST[:4]), "x", "y", LONGEST[:4], panel="size", panel_title=lambda s: f"{s} edges",
+                xlabel="masks beyond the prior design", ylabel="Spearman (realistic)")
+    assert [ax.get_xlabel() for ax in fig.axes] == [""] * 4 and fig._supxlabel.get_text() == "masks beyond the prior design"
+    fig.canvas.draw()
+    boxes = [ax.title.get_window_extent() for ax in fig.axes]
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:]))
+    single = lines(curves(LONGEST[:2], panels=(2,)), "x", "y", LONGEST[:2], xlabel="edges removed")
+    assert single.axes[0].get_xlabel() == "edges removed"
+
+
+def test_scatter_draws_the_diagonal_only_on_the_truth_scale():
+    truth = np.linspace(1.0, 3.0, 50)
+    fig = scatter_grid({"loss_model": truth + 0.1, "score": truth * 1e-3}, truth, ["loss_model", "score"])
+    on_scale, other = fig.axes[:2]
+    assert len(on_scale.lines) == 1 and len(other.lines) == 0  # 1e-3..3e-3 never meets 1..3
+    fig.canvas.draw()
+    for ax in fig.axes[:2]:
+        labels = [t.get_window_extent() for t in ax.get_xticklabels() if t.get_text()]
+        assert len(labels) <= 4 and all(a.x1 <= b.x0 for a, b in zip(labels, labels[1:]))

@@ -174,6 +174,29 @@ def test_finetune_sample_draws_the_same_allowed_masks_on_every_network(setup, tm
                         allowed=r"relu_[123] ->", cache_dir=tmp_path, log=None)
 
 
+def test_finetune_method_picks_makes_fresh_picks_over_any_edges_and_caches_them(setup, tmp_path, monkeypatch):
+    import surrogate.scenarios as scenarios
+    from surrogate.scenarios import finetune_method_picks, method_picks
+    _, train, test = setup
+    torch.manual_seed(2)
+    nets = {0: FourBranches().eval(), 1: FourBranches().eval()}
+    cfg, task = FinetuneConfig(steps=3, lr=1e-2, batch_size=32), Task("classification")
+    rows = finetune_method_picks(nets, train, ["loo", "superposition"], [1, 2], train, test, task, cfg,
+                                 cache_dir=tmp_path, log=None)
+    assert len(rows) == 8 and set(rows.method) == {"loo", "superposition"} and set(rows.budget) == {1, 2}
+    assert (rows.removed == rows.budget).all() and rows.accuracy.between(0, 100).all()
+    n = build_graph(nets[0], train.inputs[:2]).num_prunable  # loo: each edge and the dense network; ours: the prior
+    assert set(zip(rows.method, rows.passes)) == {("loo", n + 1), ("superposition", n + 3)}  # design's n+2 and the flow
+    for s, net in nets.items():  # the picks are method_picks' own, over every edge (allowed=None)
+        picks = method_picks(net, train, task, ["loo", "superposition"], [1, 2])
+        got = rows[rows.seed == s].set_index(["method", "budget"])["mask"]
+        assert all(got[k] == scenarios.mask_text(v) for k, v in picks.items())
+    monkeypatch.setattr(scenarios, "method_picks", lambda *a, **k: pytest.fail("cached picks were made again"))
+    again = finetune_method_picks(nets, train, ["loo", "superposition"], [1, 2], train, test, task, cfg,
+                                  cache_dir=tmp_path, log=None)
+    assert again.equals(rows)
+
+
 def test_zero_shot_agreement_ranks_each_network_once_per_mask():
     import pandas as pd
     from surrogate.scenarios import zero_shot_agreement

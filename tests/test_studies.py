@@ -178,6 +178,12 @@ def test_the_cifar_macros_come_from_the_tables(study, tmp_path):
     assert m["CifRegretLooTwo"] == fmt(regret[("loo", 2)]) and m["CifRegretLooTwo"] != m["CifGapLooTwo"]
     assert m["CifMeanRegretLoo"] == fmt(regret.loc["loo"].mean())
     assert m["CifPickFwdLoo"] == fmt(rec.regret[rec.regret.method == "loo"].forward.mean(), 0)
+    edges = pd.DataFrame({"seed": [0, 1, 0], "method": ["loo", "loo", "taylor2"], "budget": [3, 3, 3],
+                          "accuracy": [80.0, 70.0, 60.0], "accuracy_before": [20.0, 30.0, 10.0], "passes": [19, 19, 20]})
+    e = cifar_macros(rec, rank, picks, fine, cost, finetune_edges=edges)
+    assert e["CifFtEdgeLooThree"] == "75.0" and e["CifZsEdgeLooThree"] == "25.0" and e["CifFtEdgeTaylorTwoThree"] == "60.0"
+    assert e["CifFtEdgePassesLooThree"] == "19"
+    assert "CifFtEdgeLooThree" not in m
     assert int(m["CifPickFwdSleb"]) > 0  # the greedy search counts the masks it measured
 
 
