@@ -304,33 +304,46 @@ def draw_graph(graph: "ComputationGraph", ax=None, importances: Sequence[float] 
     return ax
 
 
+DODGE = 1.04  # regret_curves: neighbouring curves drawn 4% apart in passes (a log axis), so none hides another
+
+
 def regret_curves(summary: "pd.DataFrame", methods: Sequence[str], labels: Mapping[str, str], *,
                   ours: Sequence[str] = (), panel: str = "k", width: float = TEXT, height: float = 2.2,
                   ylabel: str = "true-loss regret"):
     """Mean regret against passes (log x) per method, one panel per ``panel`` value: a line with a band (the
-    bootstrap interval over networks) for methods with several budgets, a marker for a criterion with one cost;
+    bootstrap interval over networks) for methods with several budgets, each dodged along x by a factor
+    ``DODGE`` per method so that equal curves stay visible, a marker for a criterion with one cost;
     ``ours`` drawn thicker. ``summary``: rows of (panel, P, method, mean, lo, hi), e.g. bench.regret_summary."""
     import matplotlib.pyplot as plt
     values = sorted(summary[panel].unique())
     fig, axes = plt.subplots(1, len(values), figsize=(width, height), squeeze=False, sharey=False)
-    colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+    curve = [m for m in methods if summary[summary.method == m].spent.nunique() > 1]  # spent more with more P
+    point = [m for m in methods if m not in curve]
+    # searches: tab10 colours, dodged a little along x so that curves on the same values stay visible;
+    # one-cost criteria: other colours and a marker each (never the searches' circles)
+    line_colors, point_colors = plt.get_cmap("tab10").colors, plt.get_cmap("Dark2").colors
+    markers = "sD^vPX<>"
     for ax, v in zip(axes[0], values):
         sub = summary[summary[panel] == v]
-        for i, m in enumerate(methods):
+        for j, m in enumerate(curve):
             d = sub[sub.method == m].sort_values("spent")
             if d.empty:
                 continue
-            c, lw = colors[(2 * i) % 20], 2.2 if m in ours else 1.0
-            if d.P.nunique() > 1 and d.spent.nunique() > 1:
-                ax.plot(d.spent, d["mean"], marker="o", ms=3, lw=lw, color=c, label=labels.get(m, m))
-                ax.fill_between(d.spent, d.lo, d.hi, color=c, alpha=0.15, lw=0)
-            else:
-                row = d.iloc[0]
-                ax.errorbar([row.spent], [row["mean"]], yerr=[[row["mean"] - row.lo], [row.hi - row["mean"]]],
-                            fmt="s", ms=4, color=c, capsize=2, label=labels.get(m, m))
+            c, lw = line_colors[j % 10], 2.2 if m in ours else 1.0
+            x = d.spent * DODGE ** (j - (len(curve) - 1) / 2)
+            ax.plot(x, d["mean"], marker="o", ms=3, lw=lw, color=c, label=labels.get(m, m), zorder=3 if m in ours else 2)
+            ax.fill_between(x, d.lo, d.hi, color=c, alpha=0.12, lw=0)
+        for j, m in enumerate(point):
+            d = sub[sub.method == m]
+            if d.empty:
+                continue
+            row = d.iloc[0]
+            ax.errorbar([row.spent], [row["mean"]], yerr=[[row["mean"] - row.lo], [row.hi - row["mean"]]],
+                        fmt=markers[j % len(markers)], ms=6 if m in ours else 4, color=point_colors[j % 8],
+                        mec="black" if m in ours else None, capsize=2, label=labels.get(m, m))
         ax.set_xscale("log")
-        ticks = sorted({int(p) for p in sub.P})
-        ax.set_xticks(ticks, [str(t) for t in ticks])      # the budgets, in plain numbers
+        ticks = sorted({int(p) for p in sub.P} | ({1, 10} if point else set()))
+        ax.set_xticks(ticks, [str(t) for t in ticks])      # the budgets (and 1, 10 for the criteria), plain numbers
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_title(f"{panel} = {v}")
         ax.set_xlabel("forward passes")

@@ -156,3 +156,28 @@ def test_scatter_draws_the_diagonal_only_on_the_truth_scale():
     for ax in fig.axes[:2]:
         labels = [t.get_window_extent() for t in ax.get_xticklabels() if t.get_text()]
         assert len(labels) <= 4 and all(a.x1 <= b.x0 for a, b in zip(labels, labels[1:]))
+
+
+def test_regret_curves_tell_every_method_apart_and_hide_no_curve(tmp_path):
+    from matplotlib.colors import to_hex
+    from surrogate.plotting import regret_curves
+    searches = ["random", "greedy", "evolution", "linear", "pairwise", "loss_space", "sequential"]
+    criteria = ["block_influence", "loo", "magnitude", "taylor1_abs", "taylor2"]
+    rows = [{"k": 3, "P": p, "method": m, "mean": 0.0, "lo": 0.0, "hi": 0.0, "spent": p}  # all on one curve
+            for p in (20, 36, 72) for m in searches]
+    rows += [{"k": 3, "P": p, "method": m, "mean": 0.5 + i, "lo": 0.4 + i, "hi": 0.6 + i, "spent": 1 + i}
+             for p in (20, 36, 72) for i, m in enumerate(criteria)]
+    summary = pd.DataFrame(rows)
+    fig = regret_curves(summary, searches + criteria, {m: m for m in searches + criteria}, ours=["sequential"])
+    ax = fig.axes[0]
+    handles, names = ax.get_legend_handles_labels()
+    assert sorted(names) == sorted(searches + criteria)
+    styles = set()
+    for h in handles:
+        line = h.lines[0] if hasattr(h, "lines") else h  # an errorbar container's data line
+        styles.add((to_hex(line.get_color()), line.get_marker()))
+    assert len(styles) == len(names)                             # no two methods drawn alike
+    xs = [tuple(np.round(l.get_xdata(), 6)) for l in ax.get_lines() if l.get_label() in searches]
+    assert len(set(xs)) == len(searches)                         # equal curves are shifted apart along x
+    assert {int(t) for t in ax.get_xticks()} >= {1, 10, 20, 36, 72}
+    assert printed_sizes(fig, tmp_path, TEXT).min() >= MIN_PT
