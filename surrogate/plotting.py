@@ -57,9 +57,10 @@ def lines(df: "pd.DataFrame", x: str, y: str, methods: Sequence[str], *, panel: 
           panels: Sequence[Any] | None = None, panel_title: Callable[[Any], str] = str, xlabel: str | None = None,
           ylabel: str | None = None, width: float = TEXT, height: float = 2.0, logy: str | None = None,
           reference: "pd.DataFrame | None" = None, reference_label: str = "reference", legend: bool = True,
-          labels: Callable[[str], str] | None = None, max_panels: int = 8):
+          labels: Callable[[str], str] | None = None, max_panels: int = 8, dodge: float = 0.0):
     """Mean of ``y`` against ``x`` per method (one row per model in ``df``; error bars: standard error over
-    models), one panel per value of ``panel``; ours drawn thicker. ``reference``: rows with ``x``, ``y``
+    models), one panel per value of ``panel``; ours drawn thicker; ``dodge``: the methods' curves shifted this far
+    apart along x (in units of x), so that equal curves stay visible. ``reference``: rows with ``x``, ``y``
     (and ``panel``) drawn as a dashed black line (e.g. the oracle). An integer ``x`` (a count) gets whole-number
     ticks. Returns the figure."""
     import matplotlib.pyplot as plt
@@ -75,10 +76,12 @@ def lines(df: "pd.DataFrame", x: str, y: str, methods: Sequence[str], *, panel: 
     pal = method_palette(methods)
     for ax, v in zip(axes[0], values):
         sub = df if panel is None else df[df[panel] == v]
-        for m in methods:
+        for j, m in enumerate(methods):
             d = sub[sub.method == m]
             if not len(d):
                 continue
+            if dodge:
+                d = d.assign(**{x: d[x] + dodge * (j - (len(methods) - 1) / 2)})
             thick = m in METHODS and METHODS[m].ours
             sns.lineplot(data=d, x=x, y=y, ax=ax, color=pal[m], errorbar="se", marker="o", err_style="bars",
                          err_kws={"capsize": 1.5}, lw=2.0 if thick else 1.0, label=labels(m), legend=False)
@@ -121,7 +124,8 @@ def picks_figure(picks: "pd.DataFrame", oracle: "pd.DataFrame", unit: str, *, xl
                  methods: Sequence[str] = PICK_METHODS, reference_label: str = "exhaustive oracle", height: float = 2.4):
     """The quality of each method's pick against the number of edges removed, with the best mask found as a
     dashed reference (``surrogate.report.picks_against_oracle``: unit "accuracy" or "perplexity"; perplexity on a
-    log scale when it spans more than a factor of three, else linear); ``methods`` that made no pick are left out."""
+    log scale when it spans more than a factor of three, else linear); ``methods`` that made no pick are left out;
+    the methods' curves are shifted 0.05 apart along x, so that equal picks stay visible."""
     units = {"accuracy": ("accuracy", "test accuracy (%)", None), "perplexity": ("ppl", "test perplexity", "log")}
     if unit not in units:
         raise ValueError(f"unknown unit {unit!r}; use one of {sorted(units)} (as in picks_against_oracle)")
@@ -132,7 +136,7 @@ def picks_figure(picks: "pd.DataFrame", oracle: "pd.DataFrame", unit: str, *, xl
         logy = None  # a log scale over a narrow range reads as linear but labels badly
     shown = ordered([m for m in methods if m in set(picks.method)])
     return lines(picks, "removed", y, shown, reference=oracle, reference_label=reference_label, xlabel=xlabel,
-                 ylabel=ylabel, width=COLUMN, height=height, logy=logy)
+                 ylabel=ylabel, width=COLUMN, height=height, logy=logy, dodge=0.05)
 
 
 def before_after(finetuned: "pd.DataFrame", methods: Sequence[str], *, xlabel: str, reference: str = "oracle",
@@ -150,7 +154,7 @@ def before_after(finetuned: "pd.DataFrame", methods: Sequence[str], *, xlabel: s
     shown = [m for m in methods if m in set(pruned.method) and m != reference]
     return lines(stages[stages.method != reference], "removed", "acc", shown, panel="stage",
                  panels=["zero-shot", "fine-tuned"], reference=stages[stages.method == reference],
-                 reference_label=reference_label, xlabel=xlabel, ylabel="test accuracy (%)", height=height)
+                 reference_label=reference_label, xlabel=xlabel, ylabel="test accuracy (%)", height=height, dodge=0.05)
 
 
 def scatter_grid(predictions: Mapping[str, np.ndarray], truth: np.ndarray, methods: Sequence[str], *,

@@ -181,3 +181,14 @@ def test_regret_curves_tell_every_method_apart_and_hide_no_curve(tmp_path):
     assert len(set(xs)) == len(searches)                         # equal curves are shifted apart along x
     assert {int(t) for t in ax.get_xticks()} >= {1, 10, 20, 36, 72}
     assert printed_sizes(fig, tmp_path, TEXT).min() >= MIN_PT
+
+
+def test_equal_picks_are_shifted_apart_not_drawn_over_each_other():
+    picks, oracle = _picks([1, 2, 3])
+    same = picks.assign(ppl=300.0)  # every method picks equally well
+    fig = picks_figure(same, oracle, "perplexity", xlabel="x", methods=("superposition_pairs", "loo"))
+    ax = fig.axes[0]
+    xs = {l.get_label(): tuple(l.get_xdata()) for l in ax.get_lines() if l.get_label() in {"Leave-one-out",
+                                                                                          "Superposition + pairs (ours)"}}
+    assert len(xs) == 2 and len(set(xs.values())) == 2
+    assert max(abs(a - b) for a, b in zip(*xs.values())) < 0.2 and _ticks(ax) == [1, 2, 3]
