@@ -140,6 +140,17 @@ def cifar_transfer(config: CifarConfig, training: TrainConfig, methods: Sequence
                           device=device, cache_dir=cache_dir, log=log)
 
 
+def _ranking_intervals(protocols: pd.DataFrame, prefix: str) -> dict[str, object]:
+    """The bootstrap 95% interval over networks of each method's Spearman correlation per mask family:
+    ``<prefix><Family><Method>Lo`` and ``...Hi`` next to ``ranking_macros``' means."""
+    rows = []
+    for (family, method), d in protocols.groupby(["protocol", "method"]):
+        lo, hi = bootstrap_ci(d.spearman.to_numpy(dtype=float))
+        rows += [{"protocol": family, "method": method, "bound": "Lo", "value": lo},
+                 {"protocol": family, "method": method, "bound": "Hi", "value": hi}]
+    return macros_from(pd.DataFrame(rows), prefix, ["protocol", "method", "bound"], "value") if rows else {}
+
+
 def cifar_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, finetuned: pd.DataFrame,
                  cost: pd.DataFrame, transfer: pd.DataFrame | None = None,
                  ours: Sequence[str] = ("superposition_pairs", "superposition_state"), *,
@@ -168,6 +179,7 @@ def cifar_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, fine
     if "accuracy" in cost:  # the test accuracy of the largest pruning whose cost is quoted, and of the dense network
         macros.update(CifCostAccuracy=float(cost.accuracy.iloc[-1]), CifCostDenseAccuracy=float(cost.accuracy.iloc[0]))
     macros.update(ranking_macros(rank, "Cif"))
+    macros.update(_ranking_intervals(records.protocols, "Cif"))
     macros.update(macros_from(rank, "CifFwd", ["protocol", "method"], "forward_mean", digits=0))
     macros.update(macros_from(mean_gap, "CifMeanGap", ["method"], "gap_mean", digits=2))
     macros.update(macros_from(gap, "CifGap", ["method", "removed"], "gap_mean", digits=2))

@@ -184,6 +184,9 @@ def test_the_cifar_macros_come_from_the_tables(study, tmp_path):
     assert e["CifFtEdgeLooThree"] == "75.0" and e["CifZsEdgeLooThree"] == "25.0" and e["CifFtEdgeTaylorTwoThree"] == "60.0"
     assert e["CifFtEdgePassesLooThree"] == "19"
     assert "CifFtEdgeLooThree" not in m
+    per_net = rec.protocols[(rec.protocols.protocol == "branches") & (rec.protocols.method == "loo")].spearman
+    lo, hi = float(m["CifBranchesLooLo"]), float(m["CifBranchesLooHi"])
+    assert per_net.min() - 1e-3 <= lo <= float(m["CifBranchesLoo"]) <= hi <= per_net.max() + 1e-3
     assert int(m["CifPickFwdSleb"]) > 0  # the greedy search counts the masks it measured
 
 
