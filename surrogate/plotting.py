@@ -60,7 +60,7 @@ def lines(df: "pd.DataFrame", x: str, y: str, methods: Sequence[str], *, panel: 
           labels: Callable[[str], str] | None = None, max_panels: int = 8, dodge: float = 0.0):
     """Mean of ``y`` against ``x`` per method (one row per model in ``df``; error bars: standard error over
     models), one panel per value of ``panel``; ours drawn thicker; ``dodge``: the methods' curves shifted this far
-    apart along x (in units of x), so that equal curves stay visible. ``reference``: rows with ``x``, ``y``
+    apart along x (a fraction of the smallest step between x values), so that equal curves stay visible. ``reference``: rows with ``x``, ``y``
     (and ``panel``) drawn as a dashed black line (e.g. the oracle). An integer ``x`` (a count) gets whole-number
     ticks. Returns the figure."""
     import matplotlib.pyplot as plt
@@ -74,6 +74,8 @@ def lines(df: "pd.DataFrame", x: str, y: str, methods: Sequence[str], *, panel: 
                          "split the figure")
     fig, axes = plt.subplots(1, len(values), figsize=(width, height), squeeze=False, sharey=False)
     pal = method_palette(methods)
+    steps = np.diff(np.unique(df[x].to_numpy(dtype=float))) if dodge else []
+    step = float(np.min(steps)) if len(steps) else 1.0
     for ax, v in zip(axes[0], values):
         sub = df if panel is None else df[df[panel] == v]
         for j, m in enumerate(methods):
@@ -81,7 +83,7 @@ def lines(df: "pd.DataFrame", x: str, y: str, methods: Sequence[str], *, panel: 
             if not len(d):
                 continue
             if dodge:
-                d = d.assign(**{x: d[x] + dodge * (j - (len(methods) - 1) / 2)})
+                d = d.assign(**{x: d[x] + dodge * step * (j - (len(methods) - 1) / 2)})
             thick = m in METHODS and METHODS[m].ours
             sns.lineplot(data=d, x=x, y=y, ax=ax, color=pal[m], errorbar="se", marker="o", err_style="bars",
                          err_kws={"capsize": 1.5}, lw=2.0 if thick else 1.0, label=labels(m), legend=False)
@@ -125,7 +127,7 @@ def picks_figure(picks: "pd.DataFrame", oracle: "pd.DataFrame", unit: str, *, xl
     """The quality of each method's pick against the number of edges removed, with the best mask found as a
     dashed reference (``surrogate.report.picks_against_oracle``: unit "accuracy" or "perplexity"; perplexity on a
     log scale when it spans more than a factor of three, else linear); ``methods`` that made no pick are left out;
-    the methods' curves are shifted 0.05 apart along x, so that equal picks stay visible."""
+    the methods' curves are shifted 8% of a step apart along x, so that equal picks stay visible."""
     units = {"accuracy": ("accuracy", "test accuracy (%)", None), "perplexity": ("ppl", "test perplexity", "log")}
     if unit not in units:
         raise ValueError(f"unknown unit {unit!r}; use one of {sorted(units)} (as in picks_against_oracle)")
@@ -136,7 +138,7 @@ def picks_figure(picks: "pd.DataFrame", oracle: "pd.DataFrame", unit: str, *, xl
         logy = None  # a log scale over a narrow range reads as linear but labels badly
     shown = ordered([m for m in methods if m in set(picks.method)])
     return lines(picks, "removed", y, shown, reference=oracle, reference_label=reference_label, xlabel=xlabel,
-                 ylabel=ylabel, width=COLUMN, height=height, logy=logy, dodge=0.05)
+                 ylabel=ylabel, width=COLUMN, height=height, logy=logy, dodge=0.08)
 
 
 def before_after(finetuned: "pd.DataFrame", methods: Sequence[str], *, xlabel: str, reference: str = "oracle",
@@ -154,7 +156,7 @@ def before_after(finetuned: "pd.DataFrame", methods: Sequence[str], *, xlabel: s
     shown = [m for m in methods if m in set(pruned.method) and m != reference]
     return lines(stages[stages.method != reference], "removed", "acc", shown, panel="stage",
                  panels=["zero-shot", "fine-tuned"], reference=stages[stages.method == reference],
-                 reference_label=reference_label, xlabel=xlabel, ylabel="test accuracy (%)", height=height, dodge=0.05)
+                 reference_label=reference_label, xlabel=xlabel, ylabel="test accuracy (%)", height=height, dodge=0.08)
 
 
 def scatter_grid(predictions: Mapping[str, np.ndarray], truth: np.ndarray, methods: Sequence[str], *,
