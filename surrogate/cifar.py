@@ -177,7 +177,7 @@ def cifar_macros(records: Records, rank: pd.DataFrame, picks: pd.DataFrame, fine
     macros.update(cost_macros(cost, "Cif", {"macs_rel": "MacsRatio", "latency_b1_ms_rel": "LatencyOneRatio",
                                             "latency_b256_ms_rel": "LatencyBatchRatio"}))
     if "accuracy" in cost:  # the test accuracy of the largest pruning whose cost is quoted, and of the dense network
-        macros.update(CifCostAccuracy=float(cost.accuracy.iloc[-1]), CifCostDenseAccuracy=float(cost.accuracy.iloc[0]))
+        macros.update(CifCostAccuracy=fmt(cost.accuracy.iloc[-1], 1), CifCostDenseAccuracy=fmt(cost.accuracy.iloc[0], 1))
     macros.update(ranking_macros(rank, "Cif"))
     macros.update(_ranking_intervals(records.protocols, "Cif"))
     macros.update(macros_from(rank, "CifFwd", ["protocol", "method"], "forward_mean", digits=0))
