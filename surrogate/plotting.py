@@ -306,7 +306,7 @@ def draw_graph(graph: "ComputationGraph", ax=None, importances: Sequence[float] 
     if importances is not None:
         ax.figure.colorbar(mapper, ax=ax, fraction=0.03, pad=0.01, label="edge importance")
     ax.set_axis_off()
-    ax.margins(0.05)
+    ax.margins(0.05, 0.12)  # room above the top labels for a title
     return ax
 
 
