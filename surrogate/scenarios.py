@@ -39,8 +39,8 @@ from .studies import Records
 from .tasks import check_data
 from .train import _evaluate, cached_result, finetune, set_seed
 
-__all__ = ["FinetuneConfig", "finetune_masks", "finetune_picks", "finetune_method_picks", "finetune_sample", "zero_shot_agreement", "linear_probe",
-           "method_picks", "transfer_picks", "mask_text"]
+__all__ = ["FinetuneConfig", "finetune_masks", "finetune_picks", "finetune_method_picks", "finetune_sample",
+           "zero_shot_agreement", "linear_probe", "method_picks", "transfer_picks", "mask_text"]
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,8 @@ def finetune_method_picks(nets: Mapping[int, nn.Module], scoring: Subset, method
         weights = _fingerprint(*[p.detach() for p in net.parameters()])
         data = _fingerprint(*(t.float() for t in (*scoring.args(net), scoring.targets)))
         key = ({"weights": weights, "scoring": data, "methods": list(methods), "budgets": list(budgets),
-                "allowed": allowed, "seed": seed, "task": task.kind}, {"seed": s})
+                "allowed": allowed, "seed": seed, "task": task}, {"seed": s})
+
         def run() -> dict[str, Any]:
             picks, passes = _picks_and_passes(graph, scoring, task, methods, budgets, allowed=allowed, seed=seed,
                                               log=log)
