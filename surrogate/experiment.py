@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping
 
-
 import numpy as np
 import torch.nn as nn
 

@@ -59,9 +59,9 @@ def lines(df: "pd.DataFrame", x: str, y: str, methods: Sequence[str], *, panel: 
           reference: "pd.DataFrame | None" = None, reference_label: str = "reference", legend: bool = True,
           labels: Callable[[str], str] | None = None, max_panels: int = 8, dodge: float = 0.0):
     """Mean of ``y`` against ``x`` per method (one row per model in ``df``; error bars: standard error over
-    models), one panel per value of ``panel``; ours drawn thicker; ``dodge``: the methods' curves shifted this far
-    apart along x (a fraction of the smallest step between x values), so that equal curves stay visible. ``reference``: rows with ``x``, ``y``
-    (and ``panel``) drawn as a dashed black line (e.g. the oracle). An integer ``x`` (a count) gets whole-number
+    models), one panel per value of ``panel``; ours drawn thicker; ``dodge``: the methods' curves shifted this
+    far apart along x (a fraction of the smallest step between x values), so that equal curves stay visible.
+    ``reference``: rows with ``x``, ``y`` (and ``panel``) drawn as a dashed black line (e.g. the oracle). An integer ``x`` (a count) gets whole-number
     ticks. Returns the figure."""
     import matplotlib.pyplot as plt
     import pandas as pd
@@ -337,7 +337,8 @@ def regret_curves(summary: "pd.DataFrame", methods: Sequence[str], labels: Mappi
                 continue
             c, lw = line_colors[j % 10], 2.2 if m in ours else 1.0
             x = d.spent * DODGE ** (j - (len(curve) - 1) / 2)
-            ax.plot(x, d["mean"], marker="o", ms=3, lw=lw, color=c, label=labels.get(m, m), zorder=3 if m in ours else 2)
+            ax.plot(x, d["mean"], marker="o", ms=3, lw=lw, color=c, label=labels.get(m, m),
+                    zorder=3 if m in ours else 2)
             ax.fill_between(x, d.lo, d.hi, color=c, alpha=0.12, lw=0)
         for j, m in enumerate(point):
             d = sub[sub.method == m]

@@ -6,8 +6,10 @@ and pruned networks transferred to another task (a fresh output layer, then the 
 
 For a study: ``finetune_sample`` fine-tunes random masks on each network, so that ``zero_shot_agreement`` can
 say whether the zero-shot ranking of masks survives fine-tuning; ``finetune_picks`` fine-tunes the methods' and
-the oracle's picks that the protocol (``surrogate.studies``) made on each network; ``transfer_picks`` makes the picks on a source network from
-importance measured on the source task and on the target task (through a linear probe) and transfers them.
+the oracle's picks that the protocol (``surrogate.studies``) made on each network; ``finetune_method_picks``
+makes the methods' picks among any edges itself (``method_picks``) and fine-tunes them; ``transfer_picks`` makes
+the picks on a source network from importance measured on the source task and on the target task (through a
+linear probe) and transfers them.
 
 Every mask is pruned physically (``surrogate.gating.prune``), so a fine-tuned network is exactly the small
 one a user would deploy. Each record is cached (``surrogate.train.cached_result``) by the mask, the

@@ -31,8 +31,8 @@ from .report import macros_from, summarize, wide_table
 from .studies import Records, collect
 from .train import TrainConfig, cached_model, cached_result, train
 
-__all__ = ["StudyConfig", "study_experiment", "run_graph", "run_study", "PROTOCOLS", "SIZE_METRICS", "study_network", "size_bucket",
-           "size_word", "size_tables", "overtraining", "overtraining_macros", "synthetic_macros", "REGRET_METHODS"]
+__all__ = ["StudyConfig", "study_experiment", "run_graph", "run_study", "PROTOCOLS", "SIZE_METRICS", "study_network",
+           "size_bucket", "size_word", "size_tables", "overtraining", "overtraining_macros", "synthetic_macros", "REGRET_METHODS"]
 
 PROTOCOLS = ("prior", "realistic")
 SIZE_METRICS = ("spearman", "kendall", "top5", "top10", "spearman_connected")
@@ -201,7 +201,8 @@ def overtraining(cfg: StudyConfig, size: int, graphs: int, epochs: int, workers:
     no early stopping (the last kept), through the same protocol (no budgets or extra masks): the mean
     Spearman per training, protocol and method, and the networks' test accuracy, loss and best epoch per
     training."""
-    over = replace(cfg, sizes=(size,), graphs_per_size=graphs, experiment=replace(cfg.experiment, budgets=(), extra_k=()),
+    over = replace(cfg, sizes=(size,), graphs_per_size=graphs,
+                   experiment=replace(cfg.experiment, budgets=(), extra_k=()),
                    train=replace(cfg.train, epochs=epochs, patience=None, keep="last"))
     runs = {"early-stopped": run_study(replace(over, train=cfg.train), workers, cache_dir, progress=False),
             "over-trained": run_study(over, workers, cache_dir, progress=False)}

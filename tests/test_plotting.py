@@ -139,7 +139,7 @@ def test_heatmap_and_cost_curves():
 def test_panels_share_one_axis_label_and_titles_do_not_overlap():
     fig = lines(curves(LONGEST[:4]), "x", "y", LONGEST[:4], panel="size", panel_title=lambda s: f"{s} edges",
                 xlabel="masks beyond the prior design", ylabel="Spearman (realistic)")
-    assert [ax.get_xlabel() for ax in fig.axes] == [""] * 4 and fig._supxlabel.get_text() == "masks beyond the prior design"
+    assert [ax.get_xlabel() for ax in fig.axes] == [""] * 4 and fig.get_supxlabel() == "masks beyond the prior design"
     fig.canvas.draw()
     boxes = [ax.title.get_window_extent() for ax in fig.axes]
     assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:]))
